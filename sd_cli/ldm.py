@@ -1,0 +1,102 @@
+"""The whole latent diffusion model as one module tree whose state-dict keys equal an SD v1.x file's.
+
+    model.diffusion_model.*      UNet          (B, 4, h, w) x t x (B, 77, 768) -> eps (B, 4, h, w)
+    first_stage_model.*          AutoencoderKL (B, 4, h, w) -> (B, 3, 8h, 8w)
+    cond_stage_model.transformer.text_model.*   CLIP text tower (B, 77) -> (B, 77, 768)
+    betas, alphas_cumprod, ...   the noise schedule, derived from the config (files carry copies)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .schedule import ldm_buffers
+from .text_encoder import FrozenCLIPEmbedder, TextEncoderConfig
+from .unet import UNetConfig, UNetModel
+from .vae import AutoencoderKL, VAEConfig
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    linear_start: float = 0.00085
+    linear_end: float = 0.012
+    timesteps: int = 1000
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    scale_factor: float = 0.18215
+
+    @property
+    def latent_channels(self) -> int:
+        return self.unet.in_channels
+
+    @property
+    def downscale(self) -> int:
+        """Pixels per latent cell: 2 ** (number of VAE downsamples), 8 for SD v1."""
+        return 2 ** (len(self.vae.ch_mult) - 1)
+
+
+class DiffusionWrapper(nn.Module):
+    """Holds the UNet as `diffusion_model` (the checkpoint's `model.diffusion_model.` level)."""
+
+    def __init__(self, unet: UNetModel):
+        super().__init__()
+        self.diffusion_model = unet
+
+
+# Buffers whose values are a pure function of the schedule config; a file's copies are not needed.
+SCHEDULE_KEYS = (
+    "betas",
+    "alphas_cumprod",
+    "alphas_cumprod_prev",
+    "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod",
+    "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance",
+    "posterior_log_variance_clipped",
+    "posterior_mean_coef1",
+    "posterior_mean_coef2",
+)
+
+
+class LatentDiffusion(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = DiffusionWrapper(UNetModel(cfg.unet))
+        self.first_stage_model = AutoencoderKL(cfg.vae)
+        self.cond_stage_model = FrozenCLIPEmbedder(cfg.text)
+        self.reset_schedule()
+
+    def reset_schedule(self) -> None:
+        """(Re)compute the schedule buffers from the config, on the CPU in float32 (fp32 always)."""
+        s = self.cfg.schedule
+        with torch.device("cpu"):  # real values even while the rest of the tree is built on "meta"
+            buffers = ldm_buffers(s.linear_start, s.linear_end, s.timesteps)
+        for name, value in buffers.items():
+            self.register_buffer(name, value.to(torch.float32), persistent=True)
+
+    # The three stages, each one call. Shapes for SD v1 at 512x512 and batch B.
+    def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, 77) -> context (B, 77, 768)."""
+        return self.cond_stage_model(ids)
+
+    def unet(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """Latents (B, 4, 64, 64), timesteps (B,), context (B, 77, 768) -> eps (B, 4, 64, 64)."""
+        return self.model.diffusion_model(x, t, context)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Sampled latents (B, 4, 64, 64) -> images (B, 3, 512, 512) in about [-1, 1]."""
+        vae = self.first_stage_model
+        z = latents.to(vae.post_quant_conv.weight.dtype) / self.cfg.scale_factor
+        return vae.decode(z)

@@ -1,0 +1,93 @@
+"""Checkpoint file -> ready LatentDiffusion on a device, with a strict key check.
+
+1. read the tensors (safely: checkpoint.read_state_dict never runs code from the file)
+2. refuse other model families (detect.require_sd1)
+3. build the module tree on the meta device (no memory, no random init)
+4. match keys: the file's tensors + derived schedule buffers + position_ids must equal the model's
+   keys exactly; missing/unexpected/mis-shaped keys are one clear error listing some of them
+5. convert tensor by tensor to the compute dtype/device and assign (never two full copies)
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from .checkpoint import read_state_dict
+from .detect import require_sd1
+from .errors import CheckpointError
+from .ldm import SCHEDULE_KEYS, LatentDiffusion, ModelConfig
+from .schedule import ldm_buffers
+
+log = logging.getLogger(__name__)
+
+POSITION_IDS = "cond_stage_model.transformer.text_model.embeddings.position_ids"
+
+
+def build_meta_model(cfg: ModelConfig) -> LatentDiffusion:
+    """The full module tree with no storage: parameters and buffers live on the meta device."""
+    with torch.device("meta"):
+        return LatentDiffusion(cfg)
+
+
+def _listing(keys: list[str], limit: int = 5) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def match_state_dict(model: LatentDiffusion, sd: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Raise CheckpointError unless `sd` has exactly the model's learned tensors with the right shapes."""
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    derived = set(SCHEDULE_KEYS) | {POSITION_IDS}
+    missing = sorted(k for k in expected if k not in sd and k not in derived)
+    unexpected = sorted(k for k in sd if k not in expected)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing ({_listing(missing)})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected ({_listing(unexpected)})")
+        raise CheckpointError(
+            f"{path} does not fit the SD v1 model of this config: keys {'; '.join(parts)}"
+        )
+    wrong = [
+        f"{k}: file {tuple(sd[k].shape)} vs config {tuple(shape)}"
+        for k, shape in expected.items()
+        if k in sd and k not in derived and tuple(sd[k].shape) != tuple(shape)
+    ]
+    if wrong:
+        raise CheckpointError(
+            f"{path} does not match the config's model sizes ({len(wrong)} tensors differ, e.g. {wrong[0]}); "
+            "is --config the right one for this checkpoint?"
+        )
+
+
+def load_model(
+    cfg: ModelConfig, path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> LatentDiffusion:
+    device = torch.device(device)
+    sd = read_state_dict(path)  # 1.
+    require_sd1(sd, str(path))  # 2.
+    model = build_meta_model(cfg)  # 3.
+    match_state_dict(model, sd, path)  # 4.
+
+    # 5. One tensor at a time: the file's (mmap'd or unpickled) copy is dropped as soon as it's converted.
+    derived = {k: v for k, v in ldm_buffers(cfg.schedule.linear_start, cfg.schedule.linear_end, cfg.schedule.timesteps).items()}
+    n_pos = cfg.text.max_position_embeddings
+    derived[POSITION_IDS] = torch.arange(n_pos, dtype=torch.int64).unsqueeze(0)  # files may lack or corrupt it
+    full: dict[str, torch.Tensor] = {}
+    for key in list(model.state_dict().keys()):
+        if key in derived:
+            full[key] = derived[key].to(device)
+            sd.pop(key, None)
+            continue
+        t = sd.pop(key)
+        if not t.is_floating_point():
+            raise CheckpointError(f"{path}: tensor {key} has dtype {t.dtype}, expected floating point")
+        full[key] = t.to(device=device, dtype=dtype)
+    model.load_state_dict(full, strict=True, assign=True)
+    model.eval().requires_grad_(False)
+    log.debug("loaded %s: %d tensors as %s on %s", path, len(full), dtype, device)
+    return model

@@ -1,0 +1,105 @@
+"""Prompt batch -> images, as numbered steps. No argparse here; the CLI builds the requests.
+
+Data flow: prompt -> token ids (B, 77) -> text embeddings (B, 77, 768) -> sampler loop over the
+guided UNet on latents (B, 4, H/8, W/8) -> VAE decode (B, 3, H, W) -> uint8 images (B, H, W, 3).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .errors import SdCliError
+from .guidance import guided_eps_model
+from .images import to_uint8
+from .ldm import LatentDiffusion
+from .samplers import get_sampler
+from .tokenizer import get_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def initial_noise(
+    generator: torch.Generator, batch: int, channels: int, height: int, width: int, factor: int
+) -> torch.Tensor:
+    """Start latents (batch, C, H/f, W/f) from a seeded CPU generator, in float32, so a seed gives the
+    same picture on every device: `torch.Generator("cpu").manual_seed(seed)` then one randn call."""
+    return torch.randn((batch, channels, height // factor, width // factor), generator=generator, dtype=torch.float32)
+
+
+@dataclass
+class BatchResult:
+    images: np.ndarray  # (B, H, W, 3) uint8
+    steps_run: int
+    unet_seconds: float
+
+
+class Pipeline:
+    def __init__(self, model: LatentDiffusion, device: torch.device, on_warning: Callable[[str], None] | None = None):
+        self.model = model
+        self.device = device
+        self.tokenizer = get_tokenizer()
+        self.on_warning = on_warning or (lambda msg: log.warning(msg))
+        self._uncond_cache: dict[str, torch.Tensor] = {}
+
+    def _encode(self, texts: list[str], what: str) -> torch.Tensor:
+        tok = self.tokenizer(texts)
+        for text, dropped, n in zip(texts, tok.n_dropped, tok.n_tokens):
+            if dropped:
+                short = text if len(text) <= 40 else text[:37] + "..."
+                self.on_warning(
+                    f"{what} {short!r} is {n} tokens; CLIP reads 75, so the last {dropped} were dropped"
+                )
+        return self.model.encode_text(tok.ids.to(self.device))  # (B, 77, 768)
+
+    def _uncond(self, negative_prompt: str, batch: int) -> torch.Tensor:
+        """The unconditional (or negative) context, encoded once per distinct text."""
+        if negative_prompt not in self._uncond_cache:
+            self._uncond_cache[negative_prompt] = self._encode([negative_prompt], "negative prompt")
+        return self._uncond_cache[negative_prompt].expand(batch, -1, -1)  # (B, 77, 768)
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompts: list[str],
+        noise: torch.Tensor,
+        *,
+        negative_prompt: str = "",
+        sampler: str = "ddim",
+        steps: int = 50,
+        scale: float = 7.5,
+        eta: float = 0.0,
+        generator: torch.Generator | None = None,
+        callback: Callable[[int, int, torch.Tensor], None] | None = None,
+    ) -> np.ndarray:
+        """Images (B, H, W, 3) uint8 for B prompts from start noise (B, 4, H/8, W/8)."""
+        info = get_sampler(sampler)
+        batch = len(prompts)
+        if noise.shape[0] != batch:
+            raise ValueError(f"noise batch {noise.shape[0]} != {batch} prompts")
+
+        # 1. Encode the prompts (and the negative prompt, unless guidance is off).
+        cond = self._encode(prompts, "prompt")  # (B, 77, 768)
+        uncond = self._uncond(negative_prompt, batch) if scale != 1.0 else None
+
+        # 2. Classifier-free guidance: one batched UNet call per model evaluation.
+        eps_model = guided_eps_model(self.model.unet, cond, uncond, scale)
+
+        # 3. Denoising loop from the seeded start latents (kept in float32 between steps).
+        x_T = noise.to(self.device, torch.float32)  # (B, 4, H/8, W/8)
+        ac = self.model.alphas_cumprod.to(self.device)
+        latents = info.fn(eps_model, x_T, ac, steps, eta=eta, generator=generator, callback=callback)
+
+        # 4. Decode latents to pixels; refuse to write black/NaN images.
+        pixels = self.model.decode(latents)  # (B, 3, H, W) in about [-1, 1]
+        if not torch.isfinite(pixels).all():
+            if not torch.isfinite(latents).all():
+                raise SdCliError("sampling produced non-finite latents (NaN/inf); try --precision full")
+            raise SdCliError("the VAE decode produced non-finite pixels (NaN/inf); try --precision full")
+
+        # 5. To uint8 (rounded).
+        return to_uint8(pixels)

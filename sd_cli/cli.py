@@ -377,7 +377,10 @@ def summary(state: RunState, args: argparse.Namespace, interrupted: bool = False
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as done:  # --help, --version, or a usage error already printed by argparse
+        return int(done.code or 0)
     logging.basicConfig(
         level=logging.DEBUG if args.debug else (logging.ERROR if args.quiet else logging.WARNING),
         format="%(levelname)s: %(message)s",

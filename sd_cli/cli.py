@@ -275,7 +275,7 @@ def run(args: argparse.Namespace, state: RunState) -> None:
     import torch
     from tqdm import tqdm
 
-    from .images import a1111_parameters, apply_watermark, make_grid, save_png
+    from .images import GRID_PATTERN, SAMPLE_PATTERN, WatermarkSkipped, a1111_parameters, apply_watermark, make_grid, save_png
     from .pipeline import Pipeline, initial_noise
 
     pipe = Pipeline(model, device, on_warning=warn)
@@ -329,13 +329,15 @@ def run(args: argparse.Namespace, state: RunState) -> None:
                 meta = {**base, "prompt": batch_prompts[i], "seed": seed, "batch_size": len(batch_prompts),
                         "batch_index": i, "iteration": n}
                 if not args.no_watermark:
-                    img, ok = apply_watermark(img)
-                    if not ok and not watermark_warned:
-                        warn("images smaller than 256x256 can't carry the invisible watermark; written without it")
-                        watermark_warned = True
+                    try:
+                        img = apply_watermark(img)
+                    except WatermarkSkipped as skipped:
+                        if not watermark_warned:
+                            warn(str(skipped))
+                            watermark_warned = True
                 all_images.append(img)
                 if not args.skip_save:
-                    path = save_png(sample_dir, "{:05}.png", img, parameters=a1111_parameters(meta), metadata=meta)
+                    path = save_png(sample_dir, SAMPLE_PATTERN, img, parameters=a1111_parameters(meta), metadata=meta)
                     state.images.append({"path": str(path), **meta})
             bar.update(1)
     bar.close()
@@ -346,11 +348,14 @@ def run(args: argparse.Namespace, state: RunState) -> None:
 
         grid = make_grid(np.stack(all_images), args.n_rows or args.n_samples)
         if not args.no_watermark:
-            grid, _ = apply_watermark(grid)
+            try:
+                grid = apply_watermark(grid)
+            except WatermarkSkipped:
+                pass  # already said for the single images
         meta = {**base, "prompt": prompts[0] if len(prompts) == 1 else prompts, "seed": args.seed,
                 "n_iter": args.n_iter, "n_samples": args.n_samples, "grid": True}
         gparams = a1111_parameters({**meta, "prompt": prompts[0]})
-        state.grid = str(save_png(outdir, "grid-{:04}.png", grid, parameters=gparams, metadata=meta))
+        state.grid = str(save_png(outdir, GRID_PATTERN, grid, parameters=gparams, metadata=meta))
 
 
 def summary(state: RunState, args: argparse.Namespace, interrupted: bool = False) -> None:

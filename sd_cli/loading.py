@@ -86,7 +86,10 @@ def load_model(
         t = sd.pop(key)
         if not t.is_floating_point():
             raise CheckpointError(f"{path}: tensor {key} has dtype {t.dtype}, expected floating point")
-        full[key] = t.to(device=device, dtype=dtype)
+        # copy=True: a fresh, aligned tensor. Tensors memory-mapped from a file can sit at any byte
+        # offset, and CPU kernels take other (numerically different) paths on unaligned data, which
+        # would make .ckpt and .safetensors copies of one model give different images.
+        full[key] = t.to(device=device, dtype=dtype, copy=True)
     model.load_state_dict(full, strict=True, assign=True)
     model.eval().requires_grad_(False)
     log.debug("loaded %s: %d tensors as %s on %s", path, len(full), dtype, device)

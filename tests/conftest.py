@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 import types
 from pathlib import Path
@@ -55,7 +56,13 @@ runtime:
 
 
 def make_tiny_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random weights for the tiny config; norms get non-trivial affine params so they are tested too."""
+    """Random weights for the tiny config (a new dict; the tensors are shared, don't modify them in place)."""
+    return dict(_tiny_state_dict(seed))
+
+
+@functools.lru_cache(maxsize=2)
+def _tiny_state_dict(seed: int) -> dict[str, torch.Tensor]:
+    """Norms get non-trivial affine params so they are tested too."""
     from sd_cli.config import load_config
     from sd_cli.ldm import LatentDiffusion
 

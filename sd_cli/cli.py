@@ -222,6 +222,22 @@ def missing_checkpoint_message(path: str) -> str:
     )
 
 
+def a1111_text(meta: dict, schedule: str) -> str:
+    """The AUTOMATIC1111 `parameters` text of one image: its prompt, then A1111's own labels only."""
+    from .images import a1111_parameters
+
+    bs = meta.get("batch_size", 1)
+    return a1111_parameters({
+        **{k: meta[k] for k in ("prompt", "negative_prompt", "steps", "sampler_label", "scale", "seed",
+                                "width", "height", "model_hash", "model_name")},
+        "Schedule type": "Karras" if schedule == "karras" else None,
+        "Eta DDIM": meta["eta"] if meta["sampler"] == "ddim" and meta["eta"] else None,
+        "Batch size": bs if bs > 1 else None,
+        "Batch pos": meta.get("batch_index") if bs > 1 else None,
+        "Version": f"sd_cli {__version__}",
+    })
+
+
 def run(args: argparse.Namespace, state: RunState) -> None:
     from .images import ensure_writable_dir
 
@@ -275,7 +291,7 @@ def run(args: argparse.Namespace, state: RunState) -> None:
     import torch
     from tqdm import tqdm
 
-    from .images import GRID_PATTERN, SAMPLE_PATTERN, WatermarkSkipped, a1111_parameters, apply_watermark, make_grid, save_png
+    from .images import GRID_PATTERN, SAMPLE_PATTERN, WatermarkSkipped, apply_watermark, make_grid, save_png
     from .pipeline import Pipeline, initial_noise
 
     pipe = Pipeline(model, device, on_warning=warn)
@@ -320,11 +336,12 @@ def run(args: argparse.Namespace, state: RunState) -> None:
                 scale=args.scale,
                 eta=args.ddim_eta,
                 generator=generator,
-                callback=lambda i, tot, x: step_bar.update(1),
+                callback=lambda i, tot, x: (setattr(step_bar, "total", tot), step_bar.update(1)),
             )
+            # DDIM/PLMS may run one step more than asked (CompVis' grid: range(0, 1000, 1000 // N) + 1).
+            state.steps += step_bar.n
             step_bar.close()
             state.sampling_seconds += time.perf_counter() - t1
-            state.steps += args.ddim_steps
             for i, img in enumerate(images):
                 meta = {**base, "prompt": batch_prompts[i], "seed": seed, "batch_size": len(batch_prompts),
                         "batch_index": i, "iteration": n}
@@ -337,7 +354,7 @@ def run(args: argparse.Namespace, state: RunState) -> None:
                             watermark_warned = True
                 all_images.append(img)
                 if not args.skip_save:
-                    path = save_png(sample_dir, SAMPLE_PATTERN, img, parameters=a1111_parameters(meta), metadata=meta)
+                    path = save_png(sample_dir, SAMPLE_PATTERN, img, parameters=a1111_text(meta, sampler_info.schedule), metadata=meta)
                     state.images.append({"path": str(path), **meta})
             bar.update(1)
     bar.close()
@@ -354,7 +371,7 @@ def run(args: argparse.Namespace, state: RunState) -> None:
                 pass  # already said for the single images
         meta = {**base, "prompt": prompts[0] if len(prompts) == 1 else prompts, "seed": args.seed,
                 "n_iter": args.n_iter, "n_samples": args.n_samples, "grid": True}
-        gparams = a1111_parameters({**meta, "prompt": prompts[0]})
+        gparams = a1111_text({**meta, "prompt": prompts[0]}, sampler_info.schedule)
         state.grid = str(save_png(outdir, GRID_PATTERN, grid, parameters=gparams, metadata=meta))
 
 

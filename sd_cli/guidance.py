@@ -1,0 +1,58 @@
+"""Classifier-free guidance (Ho & Salimans 2022, arXiv:2207.12598), in one place.
+
+    eps = eps_uncond + scale * (eps_cond - eps_uncond)
+
+computed from ONE batched UNet call on [uncond; cond] (CompVis order: unconditional half
+first), so guidance costs one call per sampler evaluation, at twice the batch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from .errors import UsageError
+from .samplers import EpsModel
+
+# unet(x (N,C,h,w), t (N,) float, context (N,77,D)) -> eps (N,C,h,w)
+ConditionalUNet = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+def _match_batch(ctx: Tensor, batch: int, what: str) -> Tensor:
+    """Context for `batch` images: as is, or a single (1,77,D) row repeated."""
+    if ctx.shape[0] == batch:
+        return ctx
+    if ctx.shape[0] == 1:
+        return ctx.expand(batch, *ctx.shape[1:])
+    raise ValueError(f"{what} has batch {ctx.shape[0]}, latents have batch {batch}")
+
+
+def guided_eps_model(
+    unet: ConditionalUNet, cond: Tensor, uncond: Optional[Tensor], scale: float
+) -> EpsModel:
+    """An `EpsModel` for the samplers: the UNet with the prompt context and guidance folded in.
+
+    cond, uncond: (B,77,D) text embeddings (or (1,77,D), repeated over the batch).
+    scale != 1 with an uncond: one call on cat([x, x]), cat([t, t]), cat([uncond, cond]),
+        eps = e_u + scale * (e_c - e_u);
+    scale == 1 or uncond None: one call on cond alone (batch B), the guidance term vanishes.
+    """
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise UsageError(f"guidance scale must be a finite number, got {scale}")
+    guided = uncond is not None and scale != 1.0
+
+    def eps_model(x: Tensor, t: Tensor) -> Tensor:
+        b = x.shape[0]
+        c = _match_batch(cond, b, "cond")
+        if not guided:
+            return unet(x, t, c)
+        u = _match_batch(uncond, b, "uncond")
+        out = unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([u, c]))  # (2B,C,h,w)
+        e_u, e_c = out.chunk(2)  # (B,C,h,w) each
+        return e_u + scale * (e_c - e_u)
+
+    return eps_model

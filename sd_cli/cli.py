@@ -146,8 +146,6 @@ def check_args(args: argparse.Namespace) -> None:
             raise UsageError(f"--{name} {getattr(args, name)}: must be at least 1")
     if args.n_rows < 0:
         raise UsageError(f"--n_rows {args.n_rows}: must be 0 (same as --n_samples) or more")
-    if args.ddim_eta < 0:
-        raise UsageError(f"--ddim_eta {args.ddim_eta}: must be >= 0")
     if args.seed < 0 or args.seed >= 2**63:
         raise UsageError(f"--seed {args.seed}: must be between 0 and 2**63-1")
     if args.skip_save and args.skip_grid:
@@ -252,6 +250,10 @@ def run(args: argparse.Namespace, state: RunState) -> None:
     sampler_info = get_sampler(sampler)
     if sampler == "plms" and args.ddim_eta != 0:
         raise UsageError("--plms needs --ddim_eta 0 (PLMS is deterministic)")
+    try:
+        eta = sampler_info.resolve_eta(args.ddim_eta)  # e.g. Euler a's standard eta is 1
+    except UsageError as err:
+        raise UsageError(f"--ddim_eta {args.ddim_eta}: {err}") from None
     prompts = read_prompt_file(args.from_file) if args.from_file else [args.prompt]
     batches = [prompts[i : i + args.n_samples] for i in range(0, len(prompts), args.n_samples)]
     if not args.from_file:
@@ -302,7 +304,7 @@ def run(args: argparse.Namespace, state: RunState) -> None:
         "sampler": sampler,
         "sampler_label": sampler_info.label,
         "scale": args.scale,
-        "eta": args.ddim_eta,
+        "eta": eta,
         "width": width,
         "height": height,
         "model_hash": model_hash,
@@ -334,7 +336,7 @@ def run(args: argparse.Namespace, state: RunState) -> None:
                 sampler=sampler,
                 steps=args.ddim_steps,
                 scale=args.scale,
-                eta=args.ddim_eta,
+                eta=eta,
                 generator=generator,
                 callback=lambda i, tot, x: (setattr(step_bar, "total", tot), step_bar.update(1)),
             )

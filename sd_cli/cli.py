@@ -399,6 +399,14 @@ def summary(state: RunState, args: argparse.Namespace, interrupted: bool = False
         sys.stdout.flush()
 
 
+def fail(args: argparse.Namespace, state: RunState, message: str, code: int) -> int:
+    """One line on stderr; with --json also the JSON report (with whatever was written before)."""
+    print(f"sd-txt2img: error: {message}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({"ok": False, "error": message, "images": state.images, "grid": state.grid}, ensure_ascii=False))
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -421,13 +429,14 @@ def main(argv: list[str] | None = None) -> int:
     except SdCliError as err:
         if args.debug:
             traceback.print_exc()
-        print(f"sd-txt2img: error: {err}", file=sys.stderr)
-        if args.json:
-            print(json.dumps({"ok": False, "error": str(err), "images": state.images, "grid": state.grid}))
-        return err.exit_code
-    except MemoryError:
-        print("sd-txt2img: error: out of memory; try smaller --H/--W or --n_samples", file=sys.stderr)
-        return 1
+        return fail(args, state, str(err), err.exit_code)
+    except Exception as err:  # not one of ours: out of memory, a driver error, or a bug
+        if args.debug:
+            traceback.print_exc()
+        if isinstance(err, MemoryError) or "out of memory" in str(err).lower():
+            return fail(args, state, "out of memory; try a smaller --H/--W or --n_samples", 1)
+        first = (str(err).strip().splitlines() or [""])[0]
+        return fail(args, state, f"unexpected {type(err).__name__}: {first} (run again with --debug for the traceback)", 1)
     summary(state, args)
     return 0
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .schedule import ldm_buffers
+from .schedule import LDM_BUFFER_NAMES, ldm_buffers
 from .text_encoder import FrozenCLIPEmbedder, TextEncoderConfig
 from .unet import UNetConfig, UNetModel
 from .vae import AutoencoderKL, VAEConfig
@@ -53,20 +53,7 @@ class DiffusionWrapper(nn.Module):
 
 
 # Buffers whose values are a pure function of the schedule config; a file's copies are not needed.
-SCHEDULE_KEYS = (
-    "betas",
-    "alphas_cumprod",
-    "alphas_cumprod_prev",
-    "sqrt_alphas_cumprod",
-    "sqrt_one_minus_alphas_cumprod",
-    "log_one_minus_alphas_cumprod",
-    "sqrt_recip_alphas_cumprod",
-    "sqrt_recipm1_alphas_cumprod",
-    "posterior_variance",
-    "posterior_log_variance_clipped",
-    "posterior_mean_coef1",
-    "posterior_mean_coef2",
-)
+SCHEDULE_KEYS = LDM_BUFFER_NAMES
 
 
 class LatentDiffusion(nn.Module):

@@ -5,7 +5,8 @@ A `.ckpt` is a zip archive holding a pickle (`<prefix>/data.pkl`) plus one raw f
 `pickle.load` or `torch.load`: `_RestrictedUnpickler` resolves every global through `_SAFE_GLOBALS`, a
 table of plain containers (OrderedDict, set) and our OWN small functions (tensor rebuilding, numpy
 scalars), plus inert placeholders for PyTorch Lightning classes. Any other global raises
-`UnsafeCheckpointError` before anything could run.
+`UnsafeCheckpointError` before anything could run. Before unpickling, the opcode stream is scanned once
+(`_check_pickle_memo`) so that no memo index can make the C unpickler allocate more than the pickle's size.
 
 Storage data is memory-mapped copy-on-write and viewed with `torch.frombuffer`, so a 4 GB file is not
 read up front; every storage and tensor extent is bounds-checked before a view is made.
@@ -310,6 +311,7 @@ def _read_torch_zip(path: Path) -> Any:
     with file:
         archive = _ZipCheckpoint(path, file)
         data = archive.read(archive.prefix + "data.pkl", limit=_MAX_PICKLE_BYTES)
+        _check_pickle_memo(data, path)
         unpickler = _RestrictedUnpickler(io.BytesIO(data), archive)
         try:
             return unpickler.load()
@@ -322,6 +324,33 @@ def _read_torch_zip(path: Path) -> Any:
             raise CheckpointError(
                 f"checkpoint {path} has a corrupt or unsupported pickle (data.pkl: {detail})"
             ) from None
+
+
+_MEMO_PUTS = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
+
+
+def _check_pickle_memo(data: bytes, path: Path) -> None:
+    """Refuse a pickle whose memo indices are larger than the pickle itself, before unpickling.
+
+    The C unpickler grows its memo array to the largest index a PUT names, so a 9-byte pickle with
+    `LONG_BINPUT 2**31` makes it allocate (and zero) tens of GB. A real pickle numbers its memo entries
+    0, 1, 2, ... (one per PUT/MEMOIZE), so every index is below the pickle's length. One pass over the
+    opcodes (pickletools.genops), without building anything; a malformed stream is reported here too.
+    """
+    import pickletools
+
+    try:
+        for opcode, arg, pos in pickletools.genops(data):
+            if opcode.name in _MEMO_PUTS and (not isinstance(arg, int) or not 0 <= arg <= len(data)):
+                raise CheckpointError(
+                    f"checkpoint {path} has a corrupt pickle (data.pkl: memo index {arg} at byte {pos} is "
+                    f"larger than the pickle itself)"
+                )
+    except CheckpointError:
+        raise
+    except Exception as err:  # unknown opcode, truncated argument, no STOP, ...
+        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(f"checkpoint {path} has a corrupt or unsupported pickle (data.pkl: {detail})") from None
 
 
 # --------------------------------------------------------------------------------------------------

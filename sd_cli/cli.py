@@ -9,8 +9,10 @@ the traceback. Ctrl-C keeps every finished image and exits 130.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -19,11 +21,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import __version__
-from .errors import CheckpointError, PromptFileError, SdCliError, UsageError
+from .errors import CheckpointError, SdCliError, UsageError
+from .prompts import read_prompt_file  # noqa: F401  (--from-file; also imported from here by callers)
 
 DEFAULT_CKPT = "models/ldm/stable-diffusion-v1/model.ckpt"
 DEFAULT_PROMPT = "a painting of a virus monster playing guitar"
 EXIT_INTERRUPTED = 130
+# With no sampler and no step count given: DPM-Solver++(2M) Karras, 25 steps. Evidence (README, Samplers;
+# tests/test_default_sampler.py): on the analytic guided case at scale 7.5 it is 3x closer to the exact
+# endpoint than CompVis' PLMS at 50 steps and 5x closer than DDIM 50; at 20 steps it still beats both at
+# 7.5 but breaks down at scale 12, where 25 steps stays stable.
+DEFAULT_SAMPLER = "dpmpp_2m"
+DEFAULT_STEPS = 25
+COMPVIS_STEPS = 50  # CompVis' --ddim_steps default: ddim and plms without a step count
+DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")  # sd_cli.precision.DTYPE_CHOICES (kept light: no torch here)
 
 log = logging.getLogger("sd_cli")
 
@@ -32,7 +43,15 @@ class _Parser(argparse.ArgumentParser):
     """argparse that prints one line (not the whole usage) before exiting 2."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see --help)\n")
+
+
+def one_line(text: str) -> str:
+    """`text` with line breaks, other control characters and undecodable bytes escaped (\\n, \\udcff):
+    an error message stays one line whatever the user typed or a file name holds."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
 
 
 def _sampler_help() -> tuple[list[str], str]:
@@ -51,8 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
             "examples:\n"
             '  sd-txt2img --prompt "An astronaut riding a horse, painted by Pablo Picasso." --plms --n_iter 5 --n_samples 1\n'
             '  sd-txt2img --prompt "a lighthouse at dusk" --config configs/stable-diffusion/v1-inference-cpu.yaml\n'
-            "  sd-txt2img --from-file prompts.txt --n_samples 4 --json > run.json\n\n"
-            f"Put a checkpoint (sd-v1-4.ckpt, v1-5-pruned-emaonly.safetensors, ...) at {DEFAULT_CKPT} or pass --ckpt.\n"
+            "  sd-txt2img --from-file prompts.txt --n_samples 4 --json > run.json\n"
+            "  sd-txt2img --from-file prompts.txt --n_samples 4 --resume      # after Ctrl-C or a crash: finish it\n"
+            "  sd-txt2img --replay outputs/txt2img-samples/samples/00000.png  # same pixels again?\n\n"
+            f"Put a checkpoint (sd-v1-4.ckpt, v1-5-pruned-emaonly.safetensors, ...) at {DEFAULT_CKPT} or pass --ckpt;\n"
+            "without either, the built-in demo model (64x64 shapes: 'a red circle on a blue background') runs.\n"
             "Exit codes: 0 done, 1 runtime failure, 2 usage error, 130 interrupted (finished images are kept)."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -62,17 +84,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--negative-prompt", "--negative_prompt", dest="negative_prompt", default="",
                    help="what to steer away from; replaces the empty unconditional prompt of guidance")
     g.add_argument("--from-file", "--from_file", dest="from_file", metavar="FILE",
-                   help="read prompts from FILE, one per line (blank lines and lines starting with # are skipped); "
-                        "batches of --n_samples, the last one may be smaller")
+                   help="read prompts from FILE, one per line (UTF-8, BOM and CRLF fine; blank lines and lines "
+                        "starting with # are skipped); batches of --n_samples, the last one may be smaller")
     g.add_argument("--laion400m", action="store_true", help="(CompVis) not supported: refused with an error")
 
     g = p.add_argument_group("sampling")
     g.add_argument("--sampler", choices=names, default=None,
-                   help=f"sampling method (default: ddim, as CompVis). {sampler_lines}")
+                   help=f"sampling method (default: {DEFAULT_SAMPLER} with {DEFAULT_STEPS} steps; ddim when only "
+                        f"--ddim_steps is given, as CompVis). {sampler_lines}")
     g.add_argument("--plms", action="store_true", help="alias of --sampler plms")
     g.add_argument("--dpm_solver", "--dpm-solver", action="store_true", help="alias of --sampler dpmpp_2m")
-    g.add_argument("--ddim_steps", "--steps", dest="ddim_steps", type=int, default=50,
-                   help="number of sampling steps, for every sampler (default: %(default)s)")
+    g.add_argument("--steps", type=int, default=None,
+                   help=f"number of sampling steps, for any sampler (default: {DEFAULT_STEPS} for dpmpp_2m and "
+                        f"euler_a, {COMPVIS_STEPS} for ddim and plms)")
+    g.add_argument("--ddim_steps", type=int, default=None,
+                   help=f"(CompVis) number of sampling steps; with no sampler named it means DDIM with that many "
+                        f"steps, as in CompVis' script (default: {COMPVIS_STEPS} for ddim/plms)")
     g.add_argument("--ddim_eta", "--eta", dest="ddim_eta", type=float, default=0.0,
                    help="DDIM eta: 0 deterministic, 1 ancestral-like noise (default: %(default)s)")
     g.add_argument("--scale", type=float, default=7.5,
@@ -85,8 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reuse the first batch's start noise for every batch and iteration")
 
     g = p.add_argument_group("size and count")
-    g.add_argument("--H", type=int, default=512, help="image height in pixels, a multiple of 8 (default: %(default)s)")
-    g.add_argument("--W", type=int, default=512, help="image width in pixels, a multiple of 8 (default: %(default)s)")
+    g.add_argument("--H", type=int, default=512, help="image height in pixels, a multiple of 8 "
+                   "(default: %(default)s; 64 with the demo model)")
+    g.add_argument("--W", type=int, default=512, help="image width in pixels, a multiple of 8 "
+                   "(default: %(default)s; 64 with the demo model)")
     g.add_argument("--C", type=int, default=4, help="latent channels; must be the model's (4) (default: %(default)s)")
     g.add_argument("--f", type=int, default=8, help="downsampling factor; must be the VAE's (8) (default: %(default)s)")
     g.add_argument("--n_samples", "--batch-size", dest="n_samples", type=int, default=3,
@@ -97,16 +126,36 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model and device")
     g.add_argument("--config", default="configs/stable-diffusion/v1-inference.yaml",
                    help="model config YAML; CompVis' original v1-inference.yaml works too (default: %(default)s)")
-    g.add_argument("--ckpt", default=DEFAULT_CKPT, help="checkpoint .ckpt or .safetensors (default: %(default)s)")
+    g.add_argument("--ckpt", default=DEFAULT_CKPT, help="checkpoint .ckpt or .safetensors (default: %(default)s; when nothing is there, the "
+                        "built-in demo model, 64x64 shapes)")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
                    help="where to run; overrides the config's runtime.device (auto: CUDA when available)")
     g.add_argument("--precision", choices=("full", "autocast"), default=None,
-                   help="full: float32; autocast: float16 on CUDA, float32 on CPU (default: the config's, autocast)")
+                   help="(CompVis) full: float32 (= --dtype fp32); autocast: --dtype auto (default: the config's, "
+                        "autocast)")
+    g.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
+                   help="compute dtype; weights are stored in it. auto: bf16 on a CPU with native bf16 "
+                        "(AVX512-BF16 or AMX, detected), else fp32; on CUDA bf16 where the GPU has it, else fp16 "
+                        "(default: from --precision / the config). A half-precision VAE decode that gives "
+                        "NaN/inf is redone in fp32")
+    g.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: the physical cores this process may use)")
+    g.add_argument("--vae-tiling", "--vae_tiling", dest="vae_tiling", nargs="?", const="on", default="auto",
+                   choices=("auto", "on", "tiles", "off"),
+                   help="decode large images in pieces to bound memory. on: row bands with whole-image "
+                        "statistics (exact: the same picture); tiles: overlapping 512 px tiles, cross-faded "
+                        "(least memory; colours may shift slightly between tiles); auto: on for images larger "
+                        "than 512x512 (default: %(default)s; the bare flag means on)")
 
     g = p.add_argument_group("output")
     g.add_argument("--outdir", default="outputs/txt2img-samples", help="output folder (default: %(default)s)")
     g.add_argument("--skip_grid", action="store_true", help="don't write the grid image")
     g.add_argument("--skip_save", action="store_true", help="don't write the individual images")
+    g.add_argument("--resume", action="store_true",
+                   help="continue a killed run: run the same command again with --resume and every image whose "
+                        "file already exists in OUTDIR/samples (same prompt, seed, batch position and settings, "
+                        "matched by the sd_cli metadata in the PNG) is skipped; only missing ones are made, so "
+                        "the folder ends as one uninterrupted run would have left it")
     g.add_argument("--no-watermark", dest="no_watermark", action="store_true",
                    help='don\'t embed the invisible "StableDiffusionV1" watermark')
     g.add_argument("--json", action="store_true",
@@ -114,6 +163,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info lines, errors only")
     g.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     g.add_argument("--version", action="version", version=f"sd-txt2img {__version__}")
+
+    g = p.add_argument_group("check an image")
+    g.add_argument("--replay", metavar="IMAGE.png",
+                   help="regenerate IMAGE.png from its sd_cli metadata with --ckpt and compare the pixels: prints "
+                        "'identical' (exit 0) or the mean and max pixel difference (exit 1). Prompt, seed, sampler, "
+                        "size etc. come from the image (giving them is an error); --ckpt, --config, --device, "
+                        "--precision/--dtype apply (threads and VAE tiling: as recorded, unless given). The model "
+                        "hash must match (see --force). Writes no file unless --outdir is given, then the "
+                        "regenerated image goes to OUTDIR/samples")
+    g.add_argument("--force", action="store_true",
+                   help="with --replay: go on when --ckpt's model hash differs from the one in the image")
     return p
 
 
@@ -122,12 +182,43 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_sampler(args: argparse.Namespace) -> str:
+    return resolve_sampling(args)[0]
+
+
+def resolve_sampling(args: argparse.Namespace) -> tuple[str, int]:
+    """(sampler, steps) from --sampler/--plms/--dpm_solver and --steps/--ddim_steps.
+
+    Nothing given: DEFAULT_SAMPLER with DEFAULT_STEPS. Only --ddim_steps N: DDIM with N steps (CompVis'
+    meaning); only --steps N: DEFAULT_SAMPLER with N. A named sampler without a step count runs
+    COMPVIS_STEPS (ddim, plms: as CompVis) or DEFAULT_STEPS (dpmpp_2m, euler_a).
+    """
     chosen = [n for n, flag in (("plms", args.plms), ("dpmpp_2m", args.dpm_solver)) if flag]
     if args.sampler:
         chosen.append(args.sampler)
     if len(set(chosen)) > 1:
         raise UsageError(f"conflicting samplers: {', '.join(sorted(set(chosen)))}; pick one")
-    return chosen[0] if chosen else "ddim"
+    steps, ddim_steps = getattr(args, "steps", None), args.ddim_steps
+    if steps is not None and ddim_steps is not None and steps != ddim_steps:
+        raise UsageError(f"--steps {steps} and --ddim_steps {ddim_steps} disagree; give one")
+    given = steps if steps is not None else ddim_steps
+    if chosen:
+        sampler = chosen[0]
+    elif steps is None and ddim_steps is not None:
+        sampler = "ddim"  # CompVis: --ddim_steps alone is DDIM
+    else:
+        sampler = DEFAULT_SAMPLER
+    if given is None:
+        given = COMPVIS_STEPS if sampler in ("ddim", "plms") else DEFAULT_STEPS
+    return sampler, given
+
+
+def _encodable(text: str) -> bool:
+    """False for lone surrogates (bytes the terminal could not decode): they cannot go into a PNG."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -139,8 +230,12 @@ def check_args(args: argparse.Namespace) -> None:
             raise UsageError(f"--{name} {value}: must be a positive multiple of 8")
     if args.H * args.W > 4096 * 4096:
         raise UsageError(f"--H {args.H} --W {args.W}: larger than 4096x4096 is not supported")
-    if args.ddim_steps < 1 or args.ddim_steps > 1000:
-        raise UsageError(f"--ddim_steps {args.ddim_steps}: must be between 1 and 1000")
+    for flag, value in (("--steps", getattr(args, "steps", None)), ("--ddim_steps", args.ddim_steps)):
+        if value is not None and not 1 <= value <= 1000:
+            raise UsageError(f"{flag} {value}: must be between 1 and 1000")
+    threads = getattr(args, "threads", None)
+    if threads is not None and not 1 <= threads <= 1024:
+        raise UsageError(f"--threads {threads}: must be between 1 and 1024")
     for name in ("n_samples", "n_iter"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} {getattr(args, name)}: must be at least 1")
@@ -150,31 +245,13 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--seed {args.seed}: must be between 0 and 2**63-1")
     if args.skip_save and args.skip_grid:
         raise UsageError("--skip_save with --skip_grid would write nothing")
-
-
-def read_prompt_file(path: str) -> list[str]:
-    """Prompts from a UTF-8 text file: one per line; BOM, CRLF, blank lines and # comments handled."""
-    try:
-        raw = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise PromptFileError(f"--from-file {path}: no such file") from None
-    except IsADirectoryError:
-        raise PromptFileError(f"--from-file {path}: is a folder, not a text file") from None
-    except OSError as err:
-        raise PromptFileError(f"--from-file {path}: cannot read ({err.strerror})") from None
-    prompts = []
-    for number, line in enumerate(raw.splitlines(), start=1):
-        if number == 1 and line.startswith(b"\xef\xbb\xbf"):
-            line = line[3:]
-        try:
-            text = line.decode("utf-8").strip()
-        except UnicodeDecodeError:
-            raise PromptFileError(f"--from-file {path}: line {number} is not valid UTF-8") from None
-        if text and not text.startswith("#"):
-            prompts.append(text)
-    if not prompts:
-        raise PromptFileError(f"--from-file {path}: no prompts in the file (empty, or only blank/# lines)")
-    return prompts
+    if not math.isfinite(args.scale):
+        raise UsageError(f"--scale {args.scale}: must be a finite number")
+    for flag, text in (("--prompt", args.prompt), ("--negative-prompt", args.negative_prompt)):
+        if "\0" in text or not _encodable(text):
+            raise UsageError(f"{flag}: not valid text (a NUL or undecodable bytes from the terminal?)")
+    if args.resume and args.skip_save:
+        raise UsageError("--resume finds finished images in OUTDIR/samples; it cannot be combined with --skip_save")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -186,7 +263,9 @@ class RunState:
     """What has been written so far; printed as the summary even after Ctrl-C."""
 
     images: list[dict] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)  # --resume: images found already done
     grid: str | None = None
+    grid_kept: bool = False  # --resume: an equal grid already existed
     steps: int = 0
     sampling_seconds: float = 0.0
     started: float = field(default_factory=time.perf_counter)
@@ -204,12 +283,39 @@ def pick_device(requested: str):
     return torch.device("cpu")
 
 
-def pick_dtype(precision: str, device):
-    import torch
+def pick_dtype(precision: str, device, dtype_arg: str | None = None):
+    """The compute dtype for --precision/config precision and --dtype on `device` (sd_cli.precision)."""
+    return pick_dtype_choice(dtype_arg, None, precision, device).dtype
 
-    if precision == "autocast" and device.type == "cuda":
-        return torch.float16
-    return torch.float32
+
+def pick_dtype_choice(dtype_arg: str | None, precision_arg: str | None, config_precision: str, device):
+    from .precision import choose_dtype, requested_mode
+
+    return choose_dtype(requested_mode(dtype_arg, precision_arg, config_precision), device)
+
+
+DEMO_DIR = Path(__file__).resolve().parent / "demo"
+
+
+def use_demo_model(args: argparse.Namespace, argv: list[str] | None) -> bool:
+    """No --ckpt given and nothing at DEFAULT_CKPT: switch to the built-in demo model (sd_cli/demo), with its
+    config and native size unless --config/--H/--W are given. False (and args untouched) otherwise."""
+    from .replay import given_options
+
+    given = given_options(argv)
+    ckpt, config = DEMO_DIR / "demo.safetensors", DEMO_DIR / "demo.yaml"
+    if "ckpt" in given or Path(DEFAULT_CKPT).exists() or not (ckpt.is_file() and config.is_file()):
+        return False
+    from .demo_data import SIZE
+
+    args.ckpt = str(ckpt)
+    if "config" not in given:
+        args.config = str(config)
+    if "H" not in given:
+        args.H = SIZE
+    if "W" not in given:
+        args.W = SIZE
+    return True
 
 
 def missing_checkpoint_message(path: str) -> str:
@@ -236,6 +342,21 @@ def a1111_text(meta: dict, schedule: str) -> str:
     })
 
 
+def resolve_runtime(args: argparse.Namespace):
+    """(config, device, dtype) from --config, --C/--f, --device, --precision (also used by --replay)."""
+    from .config import load_config
+
+    cfg = load_config(args.config)
+    if args.C != cfg.model.latent_channels:
+        raise UsageError(f"--C {args.C}: this model has {cfg.model.latent_channels} latent channels")
+    if args.f != cfg.model.downscale:
+        raise UsageError(f"--f {args.f}: this model's VAE downsamples by {cfg.model.downscale}")
+    device = pick_device(args.device or cfg.runtime.device)
+    choice = pick_dtype_choice(getattr(args, "dtype", None), args.precision, cfg.runtime.precision, device)
+    args.dtype_reason = choice.reason  # for the "loading ..." line
+    return cfg, device, choice.dtype
+
+
 def run(args: argparse.Namespace, state: RunState) -> None:
     from .images import ensure_writable_dir
 
@@ -244,7 +365,7 @@ def run(args: argparse.Namespace, state: RunState) -> None:
 
     # 1. Arguments, prompts and output folder: all checked before anything heavy.
     check_args(args)
-    sampler = resolve_sampler(args)
+    sampler, args.ddim_steps = resolve_sampling(args)  # from here on, ddim_steps = the steps of any sampler
     from .samplers import get_sampler
 
     sampler_info = get_sampler(sampler)
@@ -265,16 +386,7 @@ def run(args: argparse.Namespace, state: RunState) -> None:
         ensure_writable_dir(sample_dir)
 
     # 2. Config, device and precision.
-    from .config import load_config
-
-    cfg = load_config(args.config)
-    if args.C != cfg.model.latent_channels:
-        raise UsageError(f"--C {args.C}: this model has {cfg.model.latent_channels} latent channels")
-    if args.f != cfg.model.downscale:
-        raise UsageError(f"--f {args.f}: this model's VAE downsamples by {cfg.model.downscale}")
-    device = pick_device(args.device or cfg.runtime.device)
-    precision = args.precision or cfg.runtime.precision
-    dtype = pick_dtype(precision, device)
+    cfg, device, dtype = resolve_runtime(args)
 
     # 3. Checkpoint: exists, loads safely, is SD v1.x, fits the config.
     ckpt = Path(args.ckpt).expanduser()
@@ -283,8 +395,12 @@ def run(args: argparse.Namespace, state: RunState) -> None:
     from .checkpoint import short_hash
     from .loading import load_model
 
+    from .precision import set_threads
+
+    threads = set_threads(args.threads) if device.type == "cpu" else None
     t0 = time.perf_counter()
-    info(f"loading {ckpt} ({str(dtype).replace('torch.', '')} on {device}) ...")
+    on = f"{device}, {threads} threads" if threads else str(device)
+    info(f"loading {ckpt} ({str(dtype).replace('torch.', '')}, {args.dtype_reason}; on {on}) ...")
     model = load_model(cfg.model, ckpt, device=device, dtype=dtype)
     model_hash = short_hash(ckpt)
     info(f"model loaded in {time.perf_counter() - t0:.1f} s (hash {model_hash})")
@@ -293,10 +409,13 @@ def run(args: argparse.Namespace, state: RunState) -> None:
     import torch
     from tqdm import tqdm
 
-    from .images import GRID_PATTERN, SAMPLE_PATTERN, WatermarkSkipped, apply_watermark, make_grid, save_png
+    from .images import (GRID_PATTERN, SAMPLE_PATTERN, WATERMARK_MIN_PIXELS, WatermarkSkipped, apply_watermark,
+                         make_grid, save_png)
     from .pipeline import Pipeline, initial_noise
 
-    pipe = Pipeline(model, device, on_warning=warn)
+    from .vae_tiling import decode_method
+
+    pipe = Pipeline(model, device, on_warning=warn, vae_tiling=args.vae_tiling)
     height, width = args.H, args.W
     base = {
         "negative_prompt": args.negative_prompt,
@@ -310,11 +429,18 @@ def run(args: argparse.Namespace, state: RunState) -> None:
         "model_hash": model_hash,
         "model_name": ckpt.stem,
         "dtype": str(dtype).replace("torch.", ""),
+        "vae_decode": decode_method(args.vae_tiling, height, width),  # whole | bands | tiles
         "device": device.type,
+        "threads": threads,  # CPU results depend on it (in the last bit); --replay uses the same number
         "fixed_code": args.fixed_code,
         "sd_cli_version": __version__,
     }
     watermark_warned = False
+    # Recorded per image (replay needs it): the watermark goes on unless disabled or the image is too small.
+    watermark = not args.no_watermark and height * width >= WATERMARK_MIN_PIXELS
+    from .resume import ResumePlan, deferred_interrupt, find_equal_grid, read_pixels
+
+    plan = ResumePlan.scan(sample_dir, warn=warn) if args.resume else None  # --resume: what is done already
     all_images = []
     total = args.n_iter * len(batches)
     bar = tqdm(total=total, desc="batches", unit="batch", disable=args.quiet, file=sys.stderr, position=0)
@@ -322,6 +448,16 @@ def run(args: argparse.Namespace, state: RunState) -> None:
         for b, batch_prompts in enumerate(batches):
             k = 0 if args.fixed_code else n * len(batches) + b
             seed = args.seed + k
+            metas = [{**base, "prompt": prompt, "seed": seed, "batch_size": len(batch_prompts), "batch_index": i,
+                      "n_samples": args.n_samples, "iteration": n, "watermark": watermark}
+                     for i, prompt in enumerate(batch_prompts)]
+            done = plan.take_batch(metas) if plan else [None] * len(metas)
+            if all(done):  # --resume: every image of this batch exists; its pixels still go into the grid
+                state.skipped.extend({"path": str(path), **meta} for path, meta in zip(done, metas))
+                if not args.skip_grid:
+                    all_images.extend(read_pixels(path) for path in done)
+                bar.update(1)
+                continue
             # The batch's generator draws the full-size start noise first (a smaller last batch takes its
             # first rows), then keeps going for any noise the sampler adds (eta > 0, ancestral).
             generator = torch.Generator("cpu").manual_seed(seed)
@@ -345,8 +481,7 @@ def run(args: argparse.Namespace, state: RunState) -> None:
             step_bar.close()
             state.sampling_seconds += time.perf_counter() - t1
             for i, img in enumerate(images):
-                meta = {**base, "prompt": batch_prompts[i], "seed": seed, "batch_size": len(batch_prompts),
-                        "batch_index": i, "iteration": n}
+                meta = metas[i]
                 if not args.no_watermark:
                     try:
                         img = apply_watermark(img)
@@ -354,10 +489,17 @@ def run(args: argparse.Namespace, state: RunState) -> None:
                         if not watermark_warned:
                             warn(str(skipped))
                             watermark_warned = True
+                if done[i] is not None:  # --resume, batch partly done: keep the existing file as it is
+                    kept = read_pixels(done[i])
+                    plan.check_same(done[i], img, kept)
+                    state.skipped.append({"path": str(done[i]), **meta})
+                    all_images.append(kept)
+                    continue
                 all_images.append(img)
                 if not args.skip_save:
-                    path = save_png(sample_dir, SAMPLE_PATTERN, img, parameters=a1111_text(meta, sampler_info.schedule), metadata=meta)
-                    state.images.append({"path": str(path), **meta})
+                    with deferred_interrupt():  # Ctrl-C waits until the file is saved and recorded
+                        path = save_png(sample_dir, SAMPLE_PATTERN, img, parameters=a1111_text(meta, sampler_info.schedule), metadata=meta)
+                        state.images.append({"path": str(path), **meta})
             bar.update(1)
     bar.close()
 
@@ -366,45 +508,80 @@ def run(args: argparse.Namespace, state: RunState) -> None:
         import numpy as np
 
         grid = make_grid(np.stack(all_images), args.n_rows or args.n_samples)
+        grid_marked = False
         if not args.no_watermark:
             try:
                 grid = apply_watermark(grid)
+                grid_marked = True
             except WatermarkSkipped:
                 pass  # already said for the single images
         meta = {**base, "prompt": prompts[0] if len(prompts) == 1 else prompts, "seed": args.seed,
-                "n_iter": args.n_iter, "n_samples": args.n_samples, "grid": True}
+                "n_iter": args.n_iter, "n_samples": args.n_samples, "grid": True, "watermark": grid_marked}
         gparams = a1111_text({**meta, "prompt": prompts[0]}, sampler_info.schedule)
-        state.grid = str(save_png(outdir, GRID_PATTERN, grid, parameters=gparams, metadata=meta))
+        existing = find_equal_grid(outdir, meta, grid) if plan else None
+        if existing is not None:  # --resume of a finished run: that grid is already there
+            state.grid, state.grid_kept = str(existing), True
+        else:
+            with deferred_interrupt():
+                state.grid = str(save_png(outdir, GRID_PATTERN, grid, parameters=gparams, metadata=meta))
 
 
 def summary(state: RunState, args: argparse.Namespace, interrupted: bool = False) -> None:
     elapsed = time.perf_counter() - state.started
     per_step = state.sampling_seconds / state.steps if state.steps else 0.0
     n = len(state.images)
-    what = f"{n} image{'s' if n != 1 else ''}" + (" + grid" if state.grid else "")
+    what = f"{n} image{'s' if n != 1 else ''}" + (" + grid" if state.grid and not state.grid_kept else "")
     head = "interrupted: kept" if interrupted else "wrote"
+    if state.skipped or state.grid_kept:
+        what += f" ({len(state.skipped)} already there{', grid too' if state.grid_kept else ''}: --resume)"
+    tail = "; to finish, run the same command again with --resume" if interrupted else ""
     if not args.quiet or interrupted:
-        print(f"{head} {what} in {args.outdir} ({elapsed:.1f} s, {per_step:.2f} s/step)", file=sys.stderr)
+        print(f"{head} {what} in {one_line(args.outdir)} ({elapsed:.1f} s, {per_step:.2f} s/step){tail}", file=sys.stderr)
     if args.json:
         out = {
             "ok": not interrupted,
             "interrupted": interrupted,
             "outdir": args.outdir,
             "images": state.images,
+            "skipped": state.skipped,
             "grid": state.grid,
             "seconds": round(elapsed, 3),
             "seconds_per_step": round(per_step, 4),
         }
-        print(json.dumps(out, ensure_ascii=False))
-        sys.stdout.flush()
+        print_json(out)
+
+
+def print_json(obj: dict) -> None:
+    """One JSON line on stdout; non-ASCII kept where stdout can take it, escaped where it cannot."""
+    try:
+        print(json.dumps(obj, ensure_ascii=False))
+    except UnicodeEncodeError:  # e.g. an ASCII-only stdout, or undecodable bytes in a path
+        print(json.dumps(obj, ensure_ascii=True))
+    sys.stdout.flush()
 
 
 def fail(args: argparse.Namespace, state: RunState, message: str, code: int) -> int:
     """One line on stderr; with --json also the JSON report (with whatever was written before)."""
-    print(f"sd-txt2img: error: {message}", file=sys.stderr)
+    print(f"sd-txt2img: error: {one_line(message)}", file=sys.stderr)
     if args.json:
-        print(json.dumps({"ok": False, "error": message, "images": state.images, "grid": state.grid}, ensure_ascii=False))
+        print_json({"ok": False, "error": message, "images": state.images, "grid": state.grid})
     return code
+
+
+@contextlib.contextmanager
+def _sigint_ignored():
+    """Ctrl-C is ignored inside (the summary after a first Ctrl-C must not be cut short)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -422,14 +599,26 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     state = RunState()
     try:
+        if use_demo_model(args, argv):  # said even with -q: the pictures are not from SD weights
+            print(f"note: using the built-in demo model (64x64 shapes); put real SD v1 weights at "
+                  f"{DEFAULT_CKPT} or pass --ckpt", file=sys.stderr)
+        if args.replay:  # check an image instead of making new ones (sd_cli/replay.py)
+            from .replay import replay
+
+            return replay(args, argv, state)
         run(args, state)
     except KeyboardInterrupt:
-        summary(state, args, interrupted=True)
+        with _sigint_ignored():
+            summary(state, args, interrupted=True)
         return EXIT_INTERRUPTED
     except SdCliError as err:
         if args.debug:
             traceback.print_exc()
-        return fail(args, state, str(err), err.exit_code)
+        message = str(err)
+        if state.images and not args.replay:
+            message += (f" ({len(state.images)} image(s) written before it are kept; to finish, run the same "
+                        "command again with --resume)")
+        return fail(args, state, message, err.exit_code)
     except Exception as err:  # not one of ours: out of memory, a driver error, or a bug
         if args.debug:
             traceback.print_exc()

@@ -134,7 +134,14 @@ def _from_ours(m: dict[str, Any]) -> ModelConfig:
         text=_build(TextEncoderConfig, m.get("text_encoder") or {}, "model.text_encoder"),
         schedule=_build(ScheduleConfig, m.get("schedule") or {}, "model.schedule"),
         scale_factor=float(m.get("scale_factor", 0.18215)),
+        norm_groups=_norm_groups(m.get("norm_groups", 32)),
     )
+
+
+def _norm_groups(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"'model.norm_groups' must be a positive integer, not {value!r}")
+    return value
 
 
 def _check_target(section: dict[str, Any], kind: str, where: str) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .layers import norm_groups
 from .schedule import LDM_BUFFER_NAMES, ldm_buffers
 from .text_encoder import FrozenCLIPEmbedder, TextEncoderConfig
 from .unet import UNetConfig, UNetModel
@@ -33,6 +34,7 @@ class ModelConfig:
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     scale_factor: float = 0.18215
+    norm_groups: int = 32  # GroupNorm groups in UNet and VAE (SD v1: 32; not stored in checkpoints)
 
     @property
     def latent_channels(self) -> int:
@@ -60,8 +62,9 @@ class LatentDiffusion(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.model = DiffusionWrapper(UNetModel(cfg.unet))
-        self.first_stage_model = AutoencoderKL(cfg.vae)
+        with norm_groups(cfg.norm_groups):
+            self.model = DiffusionWrapper(UNetModel(cfg.unet))
+            self.first_stage_model = AutoencoderKL(cfg.vae)
         self.cond_stage_model = FrozenCLIPEmbedder(cfg.text)
         self.reset_schedule()
 

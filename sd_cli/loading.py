@@ -5,7 +5,8 @@
 3. build the module tree on the meta device (no memory, no random init)
 4. match keys: the file's tensors + derived schedule buffers + position_ids must equal the model's
    keys exactly; missing/unexpected/mis-shaped keys are one clear error listing some of them
-5. convert tensor by tensor to the compute dtype/device and assign (never two full copies)
+5. convert tensor by tensor to the compute dtype/device and assign (never two full copies); a tensor with
+   NaN/inf values (in the file, or overflowing the compute dtype) is one clear error naming it
 """
 
 from __future__ import annotations
@@ -64,6 +65,21 @@ def match_state_dict(model: LatentDiffusion, sd: dict[str, torch.Tensor], path: 
         )
 
 
+def _non_finite_message(path: str | Path, key: str, source: torch.Tensor, dtype: torch.dtype) -> str:
+    """Why tensor `key` is not finite after conversion: bad values in the file, or too big for `dtype`."""
+    values = source.to(torch.float32)
+    bad = int((~torch.isfinite(values)).sum())
+    if bad:
+        n_nan = int(torch.isnan(values).sum())
+        what = ", ".join(part for part in (f"{n_nan} NaN" if n_nan else "", f"{bad - n_nan} inf" if bad - n_nan else "") if part)
+        return (f"checkpoint {path}: tensor {key} holds {what} value(s) of {values.numel()}; "
+                "the file is corrupt or was badly converted")
+    biggest = float(values.abs().max())
+    name = str(dtype).replace("torch.", "")
+    return (f"checkpoint {path}: tensor {key} has values up to {biggest:.3g}, too large for {name}; "
+            "use --precision full (float32)")
+
+
 def load_model(
     cfg: ModelConfig, path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
 ) -> LatentDiffusion:
@@ -89,8 +105,31 @@ def load_model(
         # copy=True: a fresh, aligned tensor. Tensors memory-mapped from a file can sit at any byte
         # offset, and CPU kernels take other (numerically different) paths on unaligned data, which
         # would make .ckpt and .safetensors copies of one model give different images.
-        full[key] = t.to(device=device, dtype=dtype, copy=True)
+        converted = t.to(device=device, dtype=dtype, copy=True)
+        if not bool(torch.isfinite(converted).all()):  # NaN/inf weights: refuse, naming the tensor
+            raise CheckpointError(_non_finite_message(path, key, t, dtype))
+        full[key] = converted
     model.load_state_dict(full, strict=True, assign=True)
     model.eval().requires_grad_(False)
     log.debug("loaded %s: %d tensors as %s on %s", path, len(full), dtype, device)
+    return model
+
+
+def channels_last_default(device: torch.device | str) -> bool:
+    """Whether the CLI runs the UNet and VAE channels-last on `device` (measured: see README, Speed)."""
+    return True
+
+
+def prepare_for_inference(model: torch.nn.Module, device: torch.device | str, channels_last: bool | None = None):
+    """Runtime layout knobs on a loaded model (or a bare UNet/VAE): channels-last activations for the
+    UNet and the VAE when `channels_last` (None: `channels_last_default(device)`). Values unchanged."""
+    from .layers import use_channels_last
+    from .unet import UNetModel
+    from .vae import AutoencoderKL
+
+    if channels_last is None:
+        channels_last = channels_last_default(device)
+    for m in model.modules():
+        if isinstance(m, (UNetModel, AutoencoderKL)):
+            use_channels_last(m, channels_last)
     return model

@@ -19,6 +19,7 @@ from .images import to_uint8
 from .ldm import LatentDiffusion
 from .samplers import get_sampler
 from .tokenizer import get_tokenizer
+from .vae_tiling import LatentDecoder
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +40,24 @@ class BatchResult:
 
 
 class Pipeline:
-    def __init__(self, model: LatentDiffusion, device: torch.device, on_warning: Callable[[str], None] | None = None):
+    #: NaN guard: check each step's latents at once (None: only on the CPU, where it costs nothing; on a
+    #: GPU the per-step flags stay on the device and are read once after the loop, no sync per step).
+    eager_nan_check: bool | None = None
+
+    def __init__(
+        self,
+        model: LatentDiffusion,
+        device: torch.device,
+        on_warning: Callable[[str], None] | None = None,
+        vae_tiling: str = "auto",
+    ):
         self.model = model
         self.device = device
         self.tokenizer = get_tokenizer()
         self.on_warning = on_warning or (lambda msg: log.warning(msg))
         self._uncond_cache: dict[str, torch.Tensor] = {}
+        # VAE decode: tiled above 512x512 (auto), redone in float32 if half precision gives NaN/inf.
+        self.decoder = LatentDecoder(model, vae_tiling, self.on_warning)
 
     def _encode(self, texts: list[str], what: str) -> torch.Tensor:
         tok = self.tokenizer(texts)
@@ -55,6 +68,12 @@ class Pipeline:
                     f"{what} {short!r} is {n} tokens; CLIP reads 75, so the last {dropped} were dropped"
                 )
         return self.model.encode_text(tok.ids.to(self.device))  # (B, 77, 768)
+
+    def _nan_hint(self) -> str:
+        dtype = next(self.model.parameters()).dtype
+        if dtype != torch.float32:
+            return f"the model runs in {str(dtype).replace('torch.', '')}; try --precision full (float32)"
+        return "the model runs in float32: is --scale extreme, or are the weights damaged?"
 
     def _uncond(self, negative_prompt: str, batch: int) -> torch.Tensor:
         """The unconditional (or negative) context, encoded once per distinct text."""
@@ -85,6 +104,8 @@ class Pipeline:
         # 1. Encode the prompts (and the negative prompt, unless guidance is off).
         cond = self._encode(prompts, "prompt")  # (B, 77, 768)
         uncond = self._uncond(negative_prompt, batch) if scale != 1.0 else None
+        if not (torch.isfinite(cond).all() and (uncond is None or torch.isfinite(uncond).all())):
+            raise SdCliError(f"the text encoder produced non-finite values (NaN/inf); {self._nan_hint()}")
 
         # 2. Classifier-free guidance: one batched UNet call per model evaluation.
         eps_model = guided_eps_model(self.model.unet, cond, uncond, scale)
@@ -92,14 +113,39 @@ class Pipeline:
         # 3. Denoising loop from the seeded start latents (kept in float32 between steps).
         x_T = noise.to(self.device, torch.float32)  # (B, 4, H/8, W/8)
         ac = self.model.alphas_cumprod.to(self.device)
-        latents = info.fn(eps_model, x_T, ac, steps, eta=eta, generator=generator, callback=callback)
+        # NaN guard: every step's latents are checked (one reduction on a small tensor) and the error
+        # names the first bad step. On the CPU a bad step stops the run at once; on a GPU the flags stay
+        # on the device and are read once after the loop, so the guard adds no sync per step.
+        finite: list[torch.Tensor] = []
 
-        # 4. Decode latents to pixels; refuse to write black/NaN images.
-        pixels = self.model.decode(latents)  # (B, 3, H, W) in about [-1, 1]
+        def bad_step(i: int, total: int) -> SdCliError:
+            return SdCliError(f"sampling ({sampler}) produced non-finite latents (NaN/inf) at step {i + 1} of "
+                              f"{total}; {self._nan_hint()}")
+
+        eager = self.eager_nan_check if self.eager_nan_check is not None else x_T.device.type == "cpu"
+
+        def checked(i: int, total: int, x: torch.Tensor) -> None:
+            ok = torch.isfinite(x).all()
+            if eager:
+                if not bool(ok):
+                    raise bad_step(i, total)
+            else:
+                finite.append(ok)
+            if callback is not None:
+                callback(i, total, x)
+
+        latents = info.fn(eps_model, x_T, ac, steps, eta=eta, generator=generator, callback=checked)
+        if finite:
+            flags = torch.stack(finite).cpu().tolist()
+            if not all(flags):
+                raise bad_step(flags.index(False), len(flags))
+        if not torch.isfinite(latents).all():
+            raise SdCliError(f"sampling ({sampler}) produced non-finite latents (NaN/inf); {self._nan_hint()}")
+
+        # 4. Decode latents to pixels; refuse to write black/NaN images (never silently).
+        pixels = self.decoder(latents)  # (B, 3, H, W) in about [-1, 1]
         if not torch.isfinite(pixels).all():
-            if not torch.isfinite(latents).all():
-                raise SdCliError("sampling produced non-finite latents (NaN/inf); try --precision full")
-            raise SdCliError("the VAE decode produced non-finite pixels (NaN/inf); try --precision full")
+            raise SdCliError(f"the VAE decode produced non-finite pixels (NaN/inf); {self._nan_hint()}")
 
         # 5. To uint8 (rounded).
         return to_uint8(pixels)

@@ -194,6 +194,9 @@ class TimestepEmbedSequential(nn.Sequential):
 
 
 class UNetModel(nn.Module):
+    # Layout of the activations: torch.channels_last after `layers.use_channels_last(unet)`.
+    memory_format: torch.memory_format = torch.contiguous_format
+
     def __init__(self, cfg: UNetConfig):
         super().__init__()
         self.cfg = cfg
@@ -245,7 +248,7 @@ class UNetModel(nn.Module):
         dtype = self.time_embed[0].weight.dtype
         emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(dtype))  # (B, 4*mc)
         context = context.to(dtype)
-        h = x.to(dtype)
+        h = x.to(dtype).contiguous(memory_format=self.memory_format)
         skips = []
         for block in self.input_blocks:
             h = block(h, emb, context)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import group_norm
+from .layers import group_norm, memory_format_of
 
 
 @dataclass(frozen=True)
@@ -68,11 +68,13 @@ class AttnBlock(nn.Module):
         b, c, h, w = x.shape
         hn = self.norm(x)
 
+        # Tokens must be contiguous along C: with a strided last dimension torch's CPU SDPA falls back
+        # to the math kernel, which materialises the (h*w)^2 score matrix (2.3 GB at 1024x1024 px).
         def tokens(conv: nn.Conv2d) -> torch.Tensor:
-            return conv(hn).reshape(b, 1, c, h * w).transpose(2, 3)  # (B, 1, h*w, C)
+            return conv(hn).permute(0, 2, 3, 1).reshape(b, 1, h * w, c).contiguous()  # (B, 1, h*w, C); free in NHWC
 
         out = F.scaled_dot_product_attention(tokens(self.q), tokens(self.k), tokens(self.v))  # (B, 1, h*w, C)
-        out = out.transpose(2, 3).reshape(b, c, h, w)
+        out = out.reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous(memory_format=memory_format_of(x))
         return x + self.proj_out(out)
 
 
@@ -177,7 +179,11 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(ch, cfg.out_ch, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.mid(self.conv_in(z))  # (B, 512, h, w)
+        return self.upsample_to_pixels(self.mid(self.conv_in(z)))  # mid: (B, 512, h, w)
+
+    def upsample_to_pixels(self, h: torch.Tensor) -> torch.Tensor:
+        """The part after the mid block: (B, 512, h, w) -> (B, 3, 8h, 8w). Only 3x3 convs, nearest
+        upsampling and GroupNorms: local except for the norms' statistics (see vae_tiling.py)."""
         for lvl in reversed(self.up):
             h = lvl.run(h)
             if hasattr(lvl, "upsample"):
@@ -186,6 +192,9 @@ class Decoder(nn.Module):
 
 
 class AutoencoderKL(nn.Module):
+    # Layout of the activations: torch.channels_last after `layers.use_channels_last(vae)`.
+    memory_format: torch.memory_format = torch.contiguous_format
+
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         self.cfg = cfg
@@ -196,9 +205,10 @@ class AutoencoderKL(nn.Module):
 
     def encode_moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Image (B, 3, H, W) in [-1, 1] -> posterior mean and log-variance, each (B, 4, H/8, W/8)."""
+        x = x.contiguous(memory_format=self.memory_format)
         mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Latents (B, 4, h, w) (already divided by the scale factor) -> image (B, 3, 8h, 8w)."""
-        return self.decoder(self.post_quant_conv(z))
+        return self.decoder(self.post_quant_conv(z.contiguous(memory_format=self.memory_format)))

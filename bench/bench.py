@@ -1,0 +1,687 @@
+#!/usr/bin/env python
+"""Benchmark of sd_cli's Stable Diffusion v1.x on this machine, against diffusers with the same weights.
+
+A script, not a test. It builds the full-size SD v1.x model (our own model code, random weights,
+seeded) and times, per dtype and resolution:
+
+  text   CLIP text encoding of a guided batch (prompt + "", 2 x 77 tokens)
+  unet   one guided UNet step (one call on batch 2)          + diffusers' UNet2DConditionModel
+  vae    one VAE decode (batch 1)                              + diffusers' AutoencoderKL
+  load   reading a random-weight fp32 .safetensors file into the model in the compute dtype
+  image  a whole default image: load + text + all sampler steps + VAE, as the CLI runs it;
+         saves the pixels so bf16 and fp32 images of the same seed can be compared
+
+diffusers (when importable) gets the SAME weights, converted with diffusers' own
+`diffusers.loaders.single_file_utils.convert_ldm_*_checkpoint`, and runs in the same process,
+interleaved call by call with ours, so machine noise hits both alike. Its bf16 row is diffusers
+with fp32 weights under `torch.autocast(bfloat16)` (what a diffusers user on CPU does); add
+`--diffusers-bf16-weights` for diffusers with weights cast to bf16 too.
+
+Every case runs in its own child process, so "peak RSS" is that case's own high-water mark
+(for unet/vae recorded before diffusers' copy is built). Output: a table on stdout and a JSON file
+in bench/results/ (git-ignored).
+
+    python bench/bench.py --only unet --res 256              # a few minutes on 2 cores
+    python bench/bench.py --only unet,vae --res 512 --dtype bf16
+    python bench/bench.py --only image --res 256 --dtype fp32,bf16   # + bf16 vs fp32 pixel difference
+    python bench/bench.py --table bench/results/*.json       # one table from several runs
+    python bench/bench.py --device cuda --only unet,vae,image --res 512 --batch 1,4
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
+sys.path.insert(0, str(REPO))
+
+PIECES = ("text", "unet", "vae", "load", "image")
+DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+PROMPT = "a photograph of an astronaut riding a horse"
+MARK = "BENCH_RESULT "
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers shared by the child cases.
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident set size (Linux ru_maxrss is in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def random_tensor(name: str, shape, gen):
+    """Deterministic random weights with sane scales, so activations stay O(1) through ~60 layers:
+    matrices/kernels N(0, 1/fan_in), norm scales 1 + N(0, 0.02^2), biases N(0, 0.02^2)."""
+    import torch
+
+    if name.endswith("position_ids"):
+        return torch.arange(shape[-1], dtype=torch.int64).reshape(shape)
+    if len(shape) >= 2:
+        fan_in = math.prod(shape[1:])
+        return torch.randn(shape, generator=gen) / math.sqrt(fan_in)
+    if name.endswith(".weight"):
+        return 1.0 + 0.02 * torch.randn(shape, generator=gen)
+    return 0.02 * torch.randn(shape, generator=gen)
+
+
+def materialize(module, dtype, device, seed: int = 0):
+    """Give a meta-device module random weights, tensor by tensor, straight in `dtype` on `device`
+    (never a full float32 copy). Buffers that already hold values (the schedule) are kept."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, t in module.state_dict().items():
+        if t.device.type != "meta":
+            sd[name] = t.to(device)
+            continue
+        value = random_tensor(name, tuple(t.shape), gen)
+        sd[name] = value.to(device, dtype if value.is_floating_point() else value.dtype)
+    module.load_state_dict(sd, strict=True, assign=True)
+    return module.eval().requires_grad_(False)
+
+
+def model_config():
+    from sd_cli.config import load_config
+
+    return load_config(REPO / "configs/stable-diffusion/v1-inference.yaml").model
+
+
+def compvis_config(cfg) -> dict:
+    """Our model config in CompVis' v1-inference.yaml layout, which diffusers' converters read."""
+    u, v = cfg.unet, cfg.vae
+    return {
+        "model": {
+            "params": {
+                "linear_start": cfg.schedule.linear_start,
+                "linear_end": cfg.schedule.linear_end,
+                "timesteps": cfg.schedule.timesteps,
+                "scale_factor": cfg.scale_factor,
+                "unet_config": {
+                    "params": {
+                        "image_size": 32,
+                        "in_channels": u.in_channels,
+                        "out_channels": u.out_channels,
+                        "model_channels": u.model_channels,
+                        "attention_resolutions": list(u.attention_resolutions),
+                        "num_res_blocks": u.num_res_blocks,
+                        "channel_mult": list(u.channel_mult),
+                        "num_heads": u.num_heads,
+                        "use_spatial_transformer": True,
+                        "transformer_depth": u.transformer_depth,
+                        "context_dim": u.context_dim,
+                        "legacy": False,
+                    }
+                },
+                "first_stage_config": {
+                    "params": {
+                        "embed_dim": v.embed_dim,
+                        "ddconfig": {
+                            "double_z": v.double_z,
+                            "z_channels": v.z_channels,
+                            "resolution": v.resolution,
+                            "in_channels": v.in_channels,
+                            "out_ch": v.out_ch,
+                            "ch": v.ch,
+                            "ch_mult": list(v.ch_mult),
+                            "num_res_blocks": v.num_res_blocks,
+                            "attn_resolutions": list(v.attn_resolutions),
+                            "dropout": 0.0,
+                        },
+                    }
+                },
+            }
+        }
+    }
+
+
+def diffusers_available() -> bool:
+    try:
+        import diffusers  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def diffusers_unet(ours_unet, cfg, device):
+    """diffusers' UNet2DConditionModel holding our UNet's weights (as float32), via diffusers' converter."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
+
+    sd = {f"model.diffusion_model.{k}": v.detach().to("cpu", torch.float32) for k, v in ours_unet.state_dict().items()}
+    config = create_unet_diffusers_config_from_ldm(compvis_config(cfg), sd)
+    converted = convert_ldm_unet_checkpoint(sd, config)
+    del sd
+    with torch.device("meta"):
+        model = UNet2DConditionModel(**config)
+    model.load_state_dict(converted, strict=True, assign=True)
+    return model.to(device).eval().requires_grad_(False)
+
+
+def diffusers_vae(ours_vae, cfg, device):
+    import torch
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint, create_vae_diffusers_config_from_ldm
+
+    sd = {f"first_stage_model.{k}": v.detach().to("cpu", torch.float32) for k, v in ours_vae.state_dict().items()}
+    config = create_vae_diffusers_config_from_ldm(compvis_config(cfg), sd)
+    converted = convert_ldm_vae_checkpoint(sd, config)
+    del sd
+    with torch.device("meta"):
+        model = AutoencoderKL(**config)
+    model.load_state_dict(converted, strict=True, assign=True)
+    return model.to(device).eval().requires_grad_(False)
+
+
+def diffusers_runner(model, mode: str, device):
+    """(callable factory) diffusers in `mode`: fp32 | fp16 | bf16-autocast | bf16-weights | fp16-autocast."""
+    import torch
+
+    if mode.endswith("-weights"):  # a cast copy: the float32 model stays for the other modes
+        import copy
+
+        model = copy.deepcopy(model).to(getattr(torch, DTYPE_NAMES[mode.split("-")[0]]))
+    autocast = None
+    if mode.endswith("-autocast"):
+        autocast = getattr(torch, DTYPE_NAMES[mode.split("-")[0]])
+
+    def wrap(fn):
+        def run():
+            if autocast is None:
+                return fn(model)
+            with torch.autocast(device.type, dtype=autocast):
+                return fn(model)
+
+        return run
+
+    return model, wrap
+
+
+def diffusers_modes(dtype_name: str, device, extra_bf16_weights: bool) -> list[str]:
+    if dtype_name == "fp32":
+        return ["fp32"]
+    if dtype_name == "bf16":
+        return ["bf16-autocast"] + (["bf16-weights"] if extra_bf16_weights else [])
+    return ["fp16-weights"] if device.type == "cuda" else ["fp16-autocast"]
+
+
+def interleaved(runners: dict, device, repeats: int) -> dict[str, list[float]]:
+    """Warm each runner once, then time them in turns: `repeats` rounds of ours, theirs, ..."""
+    for fn in runners.values():
+        fn()
+        sync(device)
+    times = {name: [] for name in runners}
+    for _ in range(repeats):
+        for name, fn in runners.items():
+            times[name].append(timed(fn, device))
+    return times
+
+
+# ----------------------------------------------------------------------------------------------
+# The cases (each runs in a child process).
+
+
+def setup(case: dict):
+    import torch
+
+    from sd_cli.precision import DTYPES, set_threads
+
+    set_threads(case["threads"])
+    device = torch.device(case["device"])
+    return torch, device, DTYPES[case["dtype"]]
+
+
+def case_text(case: dict) -> dict:
+    torch, device, dtype = setup(case)
+    from sd_cli.text_encoder import FrozenCLIPEmbedder
+    from sd_cli.tokenizer import get_tokenizer
+
+    cfg = model_config()
+    with torch.device("meta"):
+        clip = FrozenCLIPEmbedder(cfg.text)
+    materialize(clip, dtype, device, seed=2)
+    ids = get_tokenizer()([PROMPT, ""]).ids.to(device)  # (2, 77)
+    with torch.inference_mode():
+        times = interleaved({"ours": lambda: clip(ids)}, device, case["repeats"])
+    return {"ours_s": times["ours"], "peak_rss_gib": peak_rss_gib()}
+
+
+def _ours_unet(case, torch, device, dtype):
+    from sd_cli.loading import prepare_for_inference
+    from sd_cli.unet import UNetModel
+
+    cfg = model_config()
+    with torch.device("meta"):
+        unet = UNetModel(cfg.unet)
+    materialize(unet, dtype, device, seed=0)
+    prepare_for_inference(unet, device, channels_last=case["channels_last"])
+    return cfg, unet
+
+
+def case_unet(case: dict) -> dict:
+    torch, device, dtype = setup(case)
+    cfg, unet = _ours_unet(case, torch, device, dtype)
+    side = case["res"] // 8
+    batch = 2 * case["batch"]  # guided: [uncond; cond]
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 4, side, side, generator=gen).to(device)
+    t = torch.full((batch,), 500.0, device=device)
+    ctx = torch.randn(batch, 77, cfg.unet.context_dim, generator=gen).to(device)
+    out: dict = {}
+    with torch.inference_mode():
+        ours = unet
+        if case["compile"]:
+            ours = torch.compile(unet)
+            out["compile_first_call_s"] = timed(lambda: ours(x, t, ctx), device)
+        runners = {"ours": lambda: ours(x, t, ctx)}
+        first = interleaved(runners, device, 1)["ours"]  # ours alone first: its own peak RSS
+        out["peak_rss_gib"] = peak_rss_gib()
+        if case["diffusers"]:
+            ref = diffusers_unet(unet, cfg, device)
+            for mode in diffusers_modes(case["dtype"], device, case["diffusers_bf16_weights"]):
+                _, wrap = diffusers_runner(ref, mode, device)
+                runners[f"diffusers {mode}"] = wrap(lambda m: m(x, t, encoder_hidden_states=ctx).sample)
+        times = interleaved(runners, device, case["repeats"])
+        times["ours"] = first + times["ours"]
+    out["ours_s"] = times.pop("ours")
+    out["diffusers"] = times
+    return out
+
+
+def case_vae(case: dict) -> dict:
+    torch, device, dtype = setup(case)
+    from sd_cli.loading import prepare_for_inference
+    from sd_cli.vae import AutoencoderKL
+    from sd_cli.vae_tiling import decode_tiled, use_tiling
+
+    cfg = model_config()
+    with torch.device("meta"):
+        vae = AutoencoderKL(cfg.vae)
+    materialize(vae, dtype, device, seed=1)
+    prepare_for_inference(vae, device, channels_last=case["channels_last"])
+    side = case["res"] // 8
+    z = (torch.randn(case["batch"], 4, side, side, generator=torch.Generator().manual_seed(3)) / cfg.scale_factor).to(device)
+    tiled = use_tiling(case["vae_tiling"], case["res"], case["res"])
+    out: dict = {"tiled": tiled}
+    with torch.inference_mode():
+        zd = z.to(dtype)
+        runners = {"ours": (lambda: decode_tiled(vae, zd)) if tiled else (lambda: vae.decode(zd))}
+        first = interleaved(runners, device, 1)["ours"]
+        out["peak_rss_gib"] = peak_rss_gib()
+        if device.type == "cuda":
+            out["peak_cuda_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        if case["diffusers"]:
+            ref = diffusers_vae(vae, cfg, device)
+            for mode in diffusers_modes(case["dtype"], device, case["diffusers_bf16_weights"]):
+                model, wrap = diffusers_runner(ref, mode, device)
+                zz = z.to(next(model.parameters()).dtype)
+                runners[f"diffusers {mode}"] = wrap(lambda m, zz=zz: m.decode(zz).sample)
+        times = interleaved(runners, device, case["repeats"])
+        times["ours"] = first + times["ours"]
+    out["ours_s"] = times.pop("ours")
+    out["diffusers"] = times
+    return out
+
+
+# -- a random-weight checkpoint file, streamed to disk tensor by tensor --------------------------
+
+
+def random_checkpoint(path: Path, seed: int = 0) -> Path:
+    """A full SD v1.x fp32 .safetensors file (~4.3 GB) with random weights, written one tensor at a
+    time (safetensors layout: u64 header size, JSON header, raw little-endian data)."""
+    import torch
+
+    from sd_cli.loading import build_meta_model
+
+    if path.exists():
+        return path
+    model = build_meta_model(model_config())
+    items = [(k, v) for k, v in model.state_dict().items() if v.device.type == "meta"]  # not the schedule
+    header, offset = {}, 0
+    for name, t in items:
+        dt = "I64" if name.endswith("position_ids") else "F32"
+        n = math.prod(t.shape) * 8 if dt == "I64" else math.prod(t.shape) * 4
+        header[name] = {"dtype": dt, "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    gen = torch.Generator().manual_seed(seed)
+    tmp = path.with_suffix(".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name, t in items:
+            value = random_tensor(name, tuple(t.shape), gen)
+            f.write(value.contiguous().numpy().tobytes())
+    os.replace(tmp, path)
+    return path
+
+
+def case_load(case: dict) -> dict:
+    torch, device, dtype = setup(case)
+    from sd_cli.loading import load_model
+
+    path = Path(case["ckpt"])
+    t0 = time.perf_counter()
+    model = load_model(model_config(), path, device=device, dtype=dtype)
+    sync(device)
+    seconds = time.perf_counter() - t0
+    n = sum(p.numel() for p in model.parameters())
+    return {"ours_s": [seconds], "peak_rss_gib": peak_rss_gib(), "params": n, "file_gib": path.stat().st_size / 2**30}
+
+
+def case_image(case: dict) -> dict:
+    torch, device, dtype = setup(case)
+    import numpy as np
+
+    from sd_cli.loading import load_model, prepare_for_inference
+    from sd_cli.pipeline import Pipeline, initial_noise
+
+    t0 = time.perf_counter()
+    model = load_model(model_config(), Path(case["ckpt"]), device=device, dtype=dtype)
+    prepare_for_inference(model, device, channels_last=case["channels_last"])
+    load_s = time.perf_counter() - t0
+    pipe = Pipeline(model, device, on_warning=lambda m: print(f"warning: {m}", file=sys.stderr),
+                    vae_tiling=case["vae_tiling"])
+    gen = torch.Generator("cpu").manual_seed(case["seed"])
+    noise = initial_noise(gen, case["batch"], 4, case["res"], case["res"], 8)
+    marks = []
+    sync(device)
+    t1 = time.perf_counter()
+    images = pipe.generate([PROMPT] * case["batch"], noise, sampler=case["sampler"], steps=case["steps"],
+                           scale=7.5, generator=gen,
+                           callback=lambda i, n, x: (sync(device), marks.append(time.perf_counter())))
+    total = time.perf_counter() - t1
+    steps = [b - a for a, b in zip(marks, marks[1:])]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    npy = RESULTS / f"image-{case['res']}-{case['dtype']}-{case['sampler']}{case['steps']}-b{case['batch']}-seed{case['seed']}.npy"
+    np.save(npy, images)
+    return {
+        "ours_s": [total],
+        "load_s": load_s,
+        "text_and_first_step_s": marks[0] - t1,
+        "median_step_s": statistics.median(steps) if steps else None,
+        "decode_s": t1 + total - marks[-1],  # VAE decode + conversion to uint8
+        "peak_rss_gib": peak_rss_gib(),
+        "peak_cuda_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "fell_back_to_fp32_vae": pipe.decoder.fell_back,
+        "pixels": str(npy),
+    }
+
+
+CASES = {"text": case_text, "unet": case_unet, "vae": case_vae, "load": case_load, "image": case_image}
+
+
+# ----------------------------------------------------------------------------------------------
+# Orchestration.
+
+
+def machine() -> dict:
+    import torch
+
+    from sd_cli.precision import cpu_features, default_threads
+
+    feats = cpu_features()
+    name = platform.processor() or "?"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {
+        "cpu": name,
+        "logical_cpus": os.cpu_count(),
+        "physical_cores": feats.physical_cores,
+        "avx512_bf16": feats.avx512_bf16,
+        "amx_bf16": feats.amx_bf16,
+        "default_threads": default_threads(feats),
+        "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "load_avg_at_start": os.getloadavg()[0],
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        import diffusers
+
+        info["diffusers"] = diffusers.__version__
+    except Exception:
+        info["diffusers"] = None
+    return info
+
+
+def run_child(case: dict, timeout: float | None) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(case)]
+    print(f"[bench] {case['piece']} res={case['res']} dtype={case['dtype']} batch={case['batch']} ...",
+          file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    wall = time.perf_counter() - t0
+    result = None
+    for line in proc.stdout.splitlines():
+        if line.startswith(MARK):
+            result = json.loads(line[len(MARK):])
+    if proc.returncode != 0 or result is None:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+        return {**case, "error": f"exit {proc.returncode}: {tail}", "wall_s": wall}
+    return {**case, **result, "wall_s": wall}
+
+
+def med(v):
+    return statistics.median(v) if isinstance(v, list) and v else v
+
+
+def fmt_s(v) -> str:
+    if v is None:
+        return "-"
+    return f"{v * 1000:.0f} ms" if v < 1 else f"{v:.2f} s"
+
+
+def table(results: list[dict]) -> str:
+    """Markdown table: one row per case (and per diffusers mode)."""
+    lines = [
+        "| piece | res | batch | dtype | ours | diffusers (mode) | ours / diffusers | peak RSS | notes |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['piece']} | {r['res']} | {r['batch']} | {r['dtype']} | error | | | | {r['error'].splitlines()[-1][:80]} |")
+            continue
+        ours = med(r.get("ours_s"))
+        notes = []
+        if r["piece"] == "unet":
+            notes.append("guided step = 1 call on batch 2" if r["batch"] == 1 else f"guided, batch {2 * r['batch']}")
+            if r.get("compile_first_call_s") is not None:
+                notes.append(f"compiled; first call {r['compile_first_call_s']:.0f} s")
+        if r["piece"] == "vae" and r.get("tiled"):
+            notes.append("tiled")
+        if r["piece"] == "image":
+            notes.append(f"{r['sampler']} {r['steps']} steps; median step {fmt_s(r.get('median_step_s'))}, "
+                         f"load {fmt_s(r.get('load_s'))} (not in total)")
+            if r.get("fell_back_to_fp32_vae"):
+                notes.append("VAE fell back to fp32")
+        if r["piece"] == "load":
+            notes.append(f"{r.get('file_gib', 0):.1f} GiB fp32 file, warm page cache")
+        if not r.get("channels_last", True):
+            notes.append("NCHW")
+        if r.get("threads") is not None:
+            notes.append(f"{r['threads']} threads")
+        rss = f"{r['peak_rss_gib']:.2f} GiB" if r.get("peak_rss_gib") is not None else "-"
+        diff = r.get("diffusers") or {}
+        if not diff:
+            lines.append(f"| {r['piece']} | {r['res'] or '-'} | {r['batch']} | {r['dtype']} | {fmt_s(ours)} | - | - | {rss} | {'; '.join(notes)} |")
+        for i, (mode, times) in enumerate(diff.items()):
+            theirs = med(times)
+            ratio = ours / theirs if theirs else float("nan")
+            first = fmt_s(ours) if i == 0 else "〃"
+            lines.append(f"| {r['piece']} | {r['res'] or '-'} | {r['batch']} | {r['dtype']} | {first} | {fmt_s(theirs)} ({mode.removeprefix('diffusers ')}) "
+                         f"| {ratio:.2f} | {rss} | {'; '.join(notes)} |")
+    return "\n".join(lines)
+
+
+def image_diffs(results: list[dict]) -> list[dict]:
+    """bf16 (and fp16) vs fp32 images of the same res/sampler/steps/seed, from this run or saved ones."""
+    import numpy as np
+
+    out = []
+    for f in sorted(RESULTS.glob("image-*-fp32-*.npy")):
+        for other in ("bf16", "fp16"):
+            g = Path(str(f).replace("-fp32-", f"-{other}-"))
+            if not g.exists():
+                continue
+            a, b = np.load(f).astype(np.int16), np.load(g).astype(np.int16)
+            d = np.abs(a - b)
+            out.append({"fp32": f.name, "other": g.name, "mean_abs": float(d.mean()), "max_abs": int(d.max()),
+                        "frac_over_8": float((d > 8).mean())})
+    return out
+
+
+def parse_list(text: str, allowed=None, kind=str) -> list:
+    items = [kind(x) for x in text.split(",") if x]
+    if allowed is not None:
+        bad = [x for x in items if x not in allowed]
+        if bad:
+            raise SystemExit(f"bench: unknown value(s) {bad}; choose from {sorted(allowed)}")
+    return items
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", default="text,unet,vae", help=f"comma list of pieces: {','.join(PIECES)} or all (default: %(default)s)")
+    p.add_argument("--res", default="256,512", help="comma list of square resolutions in px (default: %(default)s)")
+    p.add_argument("--dtype", default="fp32,bf16", help="comma list: fp32, bf16, fp16 (default: %(default)s)")
+    p.add_argument("--batch", default="1", help="comma list of images per batch (default: %(default)s)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: physical cores, as the CLI)")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per runner after one warm-up (default: %(default)s)")
+    p.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
+                   help="activation layout; auto = what the CLI does on this device (default: %(default)s)")
+    p.add_argument("--vae-tiling", choices=("auto", "on", "off"), default="auto")
+    p.add_argument("--compile", action="store_true", help="torch.compile our UNet (unet piece; reports compile time)")
+    p.add_argument("--no-diffusers", action="store_true", help="skip the diffusers comparison")
+    p.add_argument("--diffusers-bf16-weights", action="store_true", help="also time diffusers with bf16 weights")
+    p.add_argument("--sampler", default=None, help="image piece: sampler (default: the CLI's default)")
+    p.add_argument("--steps", type=int, default=None, help="image piece: steps (default: the CLI's default)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--ckpt", default=None, help="load/image pieces: checkpoint (default: a random fp32 file in the temp dir)")
+    p.add_argument("--out", default=None, help="JSON file to write (default: bench/results/bench-<time>.json)")
+    p.add_argument("--timeout", type=float, default=None, help="seconds per case")
+    p.add_argument("--table", nargs="+", metavar="JSON", help="print one table from saved result files and exit")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.child:
+        case = json.loads(args.child)
+        result = CASES[case["piece"]](case)
+        print(MARK + json.dumps(result), flush=True)
+        return 0
+
+    if args.table:
+        results, machines = [], []
+        for f in args.table:
+            data = json.loads(Path(f).read_text())
+            results += data["results"]
+            machines.append(data["machine"])
+        print(f"machine: {json.dumps(machines[0])}\n")
+        print(table(results))
+        for d in image_diffs(results):
+            print(f"\nbf16/fp16 vs fp32 pixels: {d}")
+        return 0
+
+    from sd_cli.cli import DEFAULT_SAMPLER, DEFAULT_STEPS
+    from sd_cli.loading import channels_last_default
+    from sd_cli.precision import default_threads
+
+    import torch
+
+    pieces = list(PIECES) if args.only == "all" else parse_list(args.only, PIECES)
+    resolutions = parse_list(args.res, kind=int)
+    dtypes = parse_list(args.dtype, DTYPE_NAMES)
+    batches = parse_list(args.batch, kind=int)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench: --device cuda but torch sees no CUDA device")
+    threads = args.threads or default_threads()
+    cl = {"auto": channels_last_default(device), "on": True, "off": False}[args.channels_last]
+    with_diffusers = not args.no_diffusers and diffusers_available()
+    if not args.no_diffusers and not with_diffusers:
+        print("[bench] diffusers is not importable: timing ours only", file=sys.stderr)
+
+    ckpt = args.ckpt
+    if ckpt is None and {"load", "image"} & set(pieces):
+        ckpt = str(Path(tempfile.gettempdir()) / "sd_cli_bench" / "random-sd1-fp32.safetensors")
+        if not Path(ckpt).exists():
+            print(f"[bench] writing random-weight checkpoint {ckpt} (~4.3 GB, once) ...", file=sys.stderr, flush=True)
+            random_checkpoint(Path(ckpt))
+
+    results = []
+    info = machine()
+    print(f"[bench] {info}", file=sys.stderr)
+    for piece in pieces:
+        for res in ([None] if piece in ("text", "load") else resolutions):
+            for dtype in dtypes:
+                for batch in ([1] if piece in ("text", "load") else batches):
+                    case = {
+                        "piece": piece, "res": res, "dtype": dtype, "batch": batch, "device": args.device,
+                        "threads": threads, "repeats": args.repeats, "channels_last": cl,
+                        "vae_tiling": args.vae_tiling, "compile": args.compile,
+                        "diffusers": with_diffusers and piece in ("unet", "vae"),
+                        "diffusers_bf16_weights": args.diffusers_bf16_weights,
+                        "sampler": args.sampler or DEFAULT_SAMPLER, "steps": args.steps or DEFAULT_STEPS,
+                        "seed": args.seed, "ckpt": ckpt,
+                    }
+                    r = run_child(case, args.timeout)
+                    results.append(r)
+                    print(table([r]).splitlines()[-1], file=sys.stderr, flush=True)
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out) if args.out else RESULTS / f"bench-{_dt.datetime.now():%Y%m%d-%H%M%S}.json"
+    diffs = image_diffs(results) if "image" in pieces else []
+    out.write_text(json.dumps({"machine": info, "results": results, "image_diffs": diffs}, indent=1))
+    print(f"machine: {info['cpu']}, {info['physical_cores']} cores, avx512_bf16={info['avx512_bf16']}, "
+          f"amx_bf16={info['amx_bf16']}, torch {info['torch']}, diffusers {info['diffusers']}, {threads} threads\n")
+    print(table(results))
+    for d in diffs:
+        print(f"\n{d['other']} vs {d['fp32']}: mean |diff| {d['mean_abs']:.3f}, max {d['max_abs']} "
+              f"(of 255), {d['frac_over_8']:.2%} of values differ by more than 8")
+    print(f"\nwrote {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,349 @@
+"""`--replay IMAGE.png`: regenerate an image from the `sd_cli` metadata in it and compare the pixels.
+
+1. Read the metadata (the PNG is untrusted input: every field is checked, one clear error otherwise).
+   Generation flags (--prompt, --seed, --sampler, --H, ...) may not be given: they come from the image.
+2. Check the model: the image's `model_hash` must equal the short hash of `--ckpt`; a mismatch is an error
+   (exit 1) naming both hashes, unless `--force`, which replays anyway with a warning.
+3. Regenerate the image's whole batch exactly as the run did: the same `n_samples` rows of start noise
+   from `Generator("cpu").manual_seed(seed)`, `batch_size` rows kept, the same generator handed to the
+   sampler. Every row uses the image's own prompt: rows of a batch are computed independently (the batch
+   shape, not the other rows' prompts, decides the numerics), so row `batch_index` is the image.
+4. Watermark it if the run did (metadata `watermark`; files from before that field try both).
+5. Compare with the PNG's pixels: "identical" (exit 0), or the mean and max absolute difference over all
+   channel values and the share of pixels that differ (exit 1). When the pixels are identical it also
+   says whether the PNG file itself is byte-identical to what sd-txt2img writes for them.
+
+Device and precision come from --device/--precision/--config as in a normal run; when they differ from
+the ones recorded in the image the report says so (a CUDA float16 image replayed on a CPU in float32 is
+close, not identical). On a CPU the run's thread count (`threads` in the metadata) is used unless
+--threads is given, since CPU results depend on it in the last bit; the VAE decode is tiled or not as
+recorded (`vae_tiled`). Nothing is written unless --outdir is given explicitly: then the regenerated image
+goes to OUTDIR/samples with the original metadata (device, dtype and `replay_of` updated).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .errors import CheckpointError, SdCliError, UsageError
+
+# Flags whose values come from the image; giving one with --replay is a usage error.
+GENERATION_DESTS = frozenset({
+    "prompt", "negative_prompt", "from_file", "laion400m", "sampler", "plms", "dpm_solver", "ddim_steps", "steps",
+    "ddim_eta", "scale", "seed", "fixed_code", "H", "W", "C", "f", "n_samples", "n_iter", "n_rows",
+    "skip_grid", "skip_save", "no_watermark", "resume",
+})
+MAX_BATCH = 256
+MAX_PIXELS = 4096 * 4096
+
+
+class ReplayError(SdCliError):
+    """The image cannot be replayed (unreadable, no or bad metadata)."""
+
+
+def given_options(argv: list[str] | None) -> dict[str, str]:
+    """{dest: flag as typed on the command line} for the options actually given in `argv`."""
+    from .cli import build_parser
+
+    parser = build_parser()
+    flags = {}
+    for action in parser._actions:  # argparse has no public API for "was this option given?"
+        action.default = argparse.SUPPRESS
+        if action.option_strings:
+            flags[action.dest] = action.option_strings[0]
+    given = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    return {dest: flags.get(dest, dest) for dest in vars(given)}
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """The fields of an image's `sd_cli` metadata that decide its pixels, checked."""
+
+    prompt: str
+    negative_prompt: str
+    seed: int
+    steps: int
+    sampler: str
+    scale: float
+    eta: float
+    width: int
+    height: int
+    batch_size: int
+    batch_index: int
+    n_samples: int
+    model_hash: str
+    model_name: str
+    watermark: bool | None  # None: written before the field existed
+    vae_tiled: bool | None
+    threads: int | None  # CPU threads of the run (results depend on it in the last bit)
+    device: str
+    dtype: str
+
+
+def _field(meta: dict, name: str, kinds: tuple[type, ...], path: Path, default=None):
+    if name not in meta:
+        if default is not None:
+            return default
+        raise ReplayError(f"{path}: its sd_cli metadata has no '{name}'; cannot replay it")
+    value = meta[name]
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        raise ReplayError(f"{path}: its sd_cli metadata has a malformed '{name}' ({value!r:.60})")
+    return value
+
+
+def parse_recorded(meta: dict, path: Path) -> Recorded:
+    from .samplers import SAMPLERS
+
+    if meta.get("grid"):
+        raise ReplayError(f"{path} is a grid; replay one of the single images in samples/ instead")
+    num = (int, float)
+    rec = Recorded(
+        prompt=_field(meta, "prompt", (str,), path),
+        negative_prompt=_field(meta, "negative_prompt", (str,), path, default=""),
+        seed=_field(meta, "seed", (int,), path),
+        steps=_field(meta, "steps", (int,), path),
+        sampler=_field(meta, "sampler", (str,), path),
+        scale=float(_field(meta, "scale", num, path)),
+        eta=float(_field(meta, "eta", num, path, default=0.0)),
+        width=_field(meta, "width", (int,), path),
+        height=_field(meta, "height", (int,), path),
+        batch_size=_field(meta, "batch_size", (int,), path, default=1),
+        batch_index=_field(meta, "batch_index", (int,), path, default=0),
+        n_samples=_field(meta, "n_samples", (int,), path, default=meta.get("batch_size", 1)),
+        model_hash=_field(meta, "model_hash", (str,), path),
+        model_name=_field(meta, "model_name", (str,), path, default="?"),
+        watermark=meta.get("watermark") if isinstance(meta.get("watermark"), bool) else None,
+        vae_tiled=meta.get("vae_tiled") if isinstance(meta.get("vae_tiled"), bool) else None,
+        threads=meta["threads"] if type(meta.get("threads")) is int and 1 <= meta["threads"] <= 1024 else None,
+        device=str(meta.get("device", "?")),
+        dtype=str(meta.get("dtype", "?")),
+    )
+    problems = []
+    if rec.sampler not in SAMPLERS:
+        problems.append(f"unknown sampler {rec.sampler!r:.40}")
+    if not 0 <= rec.seed < 2**63:
+        problems.append(f"seed {rec.seed} out of range")
+    if not 1 <= rec.steps <= 1000:
+        problems.append(f"steps {rec.steps} out of range")
+    if not math.isfinite(rec.scale) or not math.isfinite(rec.eta) or not 0 <= rec.eta <= 1:
+        problems.append(f"scale {rec.scale} / eta {rec.eta} out of range")
+    if rec.width < 8 or rec.height < 8 or rec.width % 8 or rec.height % 8 or rec.width * rec.height > MAX_PIXELS:
+        problems.append(f"size {rec.width}x{rec.height} not a multiple of 8 up to 4096x4096")
+    if not 1 <= rec.batch_size <= rec.n_samples <= MAX_BATCH or not 0 <= rec.batch_index < rec.batch_size:
+        problems.append(f"batch position {rec.batch_index} of {rec.batch_size} (of {rec.n_samples}) "
+                        f"out of range (at most {MAX_BATCH})")
+    if "\0" in rec.prompt or "\0" in rec.negative_prompt:
+        problems.append("a NUL in the prompt")
+    if problems:
+        raise ReplayError(f"{path}: its sd_cli metadata cannot be replayed: {'; '.join(problems)}")
+    return rec
+
+
+def read_image(path: Path) -> tuple[str | None, dict, np.ndarray]:
+    """(A1111 text, sd_cli metadata, (H, W, 3) uint8 pixels) of the image to replay."""
+    from PIL import Image, UnidentifiedImageError
+
+    from .images import read_png_metadata
+
+    try:
+        text, meta = read_png_metadata(path)
+        with Image.open(path) as im:
+            pixels = np.asarray(im.convert("RGB"))
+    except FileNotFoundError:
+        raise ReplayError(f"--replay {path}: no such file") from None
+    except IsADirectoryError:
+        raise ReplayError(f"--replay {path}: is a folder, not an image") from None
+    except UnidentifiedImageError:
+        raise ReplayError(f"--replay {path}: not an image file") from None
+    except ValueError as err:  # sd_cli chunk that is not a JSON object
+        raise ReplayError(f"--replay {path}: {str(err).removeprefix(f'{path}: ')}") from None
+    except Exception as err:  # truncated or damaged image data, permissions, ...
+        reason = getattr(err, "strerror", None) or (str(err).splitlines() or [type(err).__name__])[0]
+        raise ReplayError(f"--replay {path}: cannot read the image ({reason})") from None
+    if meta is None:
+        raise ReplayError(f"--replay {path}: no sd_cli metadata in it (not written by sd-txt2img, or stripped "
+                          "by an image editor); nothing to replay")
+    return text, meta, pixels
+
+
+def png_bytes(img: np.ndarray, parameters: str, metadata: dict) -> bytes:
+    """The bytes sd-txt2img writes for these pixels and texts."""
+    from .images import _write_png
+
+    buf = io.BytesIO()
+    _write_png(buf, img, parameters, metadata)
+    return buf.getvalue()
+
+
+def compare(a: np.ndarray, b: np.ndarray) -> dict:
+    diff = np.abs(a.astype(np.int16) - b.astype(np.int16))
+    return {
+        "identical": not diff.any(),
+        "mean_abs_diff": round(float(diff.mean()), 4),
+        "max_abs_diff": int(diff.max()),
+        "differing_pixels": round(float(diff.any(axis=-1).mean()), 6),
+    }
+
+
+def replay(args: argparse.Namespace, argv: list[str] | None, state) -> int:
+    """Run `--replay`; returns 0 (identical pixels) or 1 (different). Errors raise SdCliError."""
+    from .cli import a1111_text, missing_checkpoint_message, print_json, resolve_runtime
+
+    info = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
+    warn = lambda msg: print(f"warning: {msg}", file=sys.stderr)  # noqa: E731
+
+    # 1. What to replay.
+    given = given_options(argv)
+    bad = sorted(flag for dest, flag in given.items() if dest in GENERATION_DESTS)
+    if bad:
+        raise UsageError(f"--replay takes prompt, seed and every setting from the image; drop {', '.join(bad)}")
+    write_dir = Path(args.outdir) / "samples" if "outdir" in given else None
+    path = Path(args.replay)
+    text, meta, original = read_image(path)
+    rec = parse_recorded(meta, path)
+    if original.shape != (rec.height, rec.width, 3):
+        raise ReplayError(f"--replay {path}: the image is {original.shape[1]}x{original.shape[0]} but its metadata "
+                          f"says {rec.width}x{rec.height} (resized or cropped since?)")
+    if write_dir is not None:
+        from .images import ensure_writable_dir
+
+        ensure_writable_dir(write_dir)
+
+    # 2. Model: the same file (by hash), then the same config, device and precision rules as a run.
+    cfg, device, dtype = resolve_runtime(args)
+    ckpt = Path(args.ckpt).expanduser()
+    if not ckpt.exists():
+        raise CheckpointError(missing_checkpoint_message(args.ckpt))
+    from .checkpoint import short_hash
+
+    model_hash = short_hash(ckpt)
+    if model_hash != rec.model_hash:
+        why = (f"{path} was made with model hash {rec.model_hash} ({rec.model_name}) but --ckpt {ckpt} has hash "
+               f"{model_hash}")
+        if not args.force:
+            raise CheckpointError(f"{why}; pass that model's file as --ckpt, or add --force to replay anyway")
+        warn(f"{why}; replaying anyway (--force)")
+    dtype_name = str(dtype).replace("torch.", "")
+    if (device.type, dtype_name) != (rec.device, rec.dtype):
+        info(f"recorded on {rec.device} in {rec.dtype}, replaying on {device.type} in {dtype_name}: "
+             "expect small differences")
+
+    import torch
+    from tqdm import tqdm
+
+    from .images import WATERMARK_MIN_PIXELS, apply_watermark
+    from .loading import load_model
+    from .pipeline import Pipeline, initial_noise
+
+    threads = None
+    if device.type == "cpu":  # the run's thread count, unless --threads says otherwise
+        from .precision import set_threads
+
+        asked = getattr(args, "threads", None)
+        threads = set_threads(asked or rec.threads)
+        if rec.threads and threads != rec.threads:
+            info(f"recorded with {rec.threads} CPU threads, replaying with {threads}: expect last-bit differences")
+    t0 = time.perf_counter()
+    info(f"loading {ckpt} ({dtype_name} on {device}{f', {threads} threads' if threads else ''}) ...")
+    model = load_model(cfg.model, ckpt, device=device, dtype=dtype)
+    tiling = {True: "on", False: "off", None: "auto"}[rec.vae_tiled]  # decoded as the run did,
+    if "vae_tiling" in given:  # unless --vae-tiling says otherwise
+        tiling = args.vae_tiling
+    try:
+        pipe = Pipeline(model, device, on_warning=warn, vae_tiling=tiling)
+    except TypeError:  # a Pipeline without VAE tiling
+        pipe = Pipeline(model, device, on_warning=warn)
+
+    # 3. The batch, as the run made it.
+    f = cfg.model.downscale
+    generator = torch.Generator("cpu").manual_seed(rec.seed)
+    noise = initial_noise(generator, rec.n_samples, cfg.model.latent_channels, rec.height, rec.width, f)
+    bar = tqdm(total=rec.steps, desc=f"replaying {rec.sampler}", unit="step", leave=False, disable=args.quiet,
+               file=sys.stderr)
+    images = pipe.generate(
+        [rec.prompt] * rec.batch_size,
+        noise[: rec.batch_size],
+        negative_prompt=rec.negative_prompt,
+        sampler=rec.sampler,
+        steps=rec.steps,
+        scale=rec.scale,
+        eta=rec.eta,
+        generator=generator,
+        callback=lambda i, tot, x: (setattr(bar, "total", tot), bar.update(1)),
+    )
+    bar.close()
+    img = images[rec.batch_index]
+
+    # 4. Watermark as recorded (unknown: whichever of the two matches better).
+    can_mark = rec.width * rec.height >= WATERMARK_MIN_PIXELS
+    options = {False: img}
+    if rec.watermark or (rec.watermark is None and can_mark):
+        options[True] = apply_watermark(img)
+    if rec.watermark is not None:
+        options = {rec.watermark: options[rec.watermark]}
+    results = {marked: compare(candidate, original) for marked, candidate in options.items()}
+    marked = min(results, key=lambda m: (not results[m]["identical"], results[m]["mean_abs_diff"]))
+    result, chosen = results[marked], options[marked]
+
+    # 5. Report (and write, if asked).
+    bytes_identical = None
+    if result["identical"] and text is not None:
+        try:
+            bytes_identical = png_bytes(chosen, text, meta) == path.read_bytes()
+        except Exception:  # noqa: BLE001 - the byte check is a bonus; the pixel verdict stands
+            bytes_identical = None
+    written = None
+    if write_dir is not None:
+        from .images import SAMPLE_PATTERN, save_png
+        from .resume import deferred_interrupt
+        from .samplers import get_sampler
+
+        new_meta = {**meta, "device": device.type, "dtype": dtype_name, "threads": threads,
+                    "sd_cli_version": __version__, "watermark": marked, "replay_of": str(path)}
+        try:
+            params = a1111_text(new_meta, get_sampler(rec.sampler).schedule)
+        except (KeyError, ValueError):
+            params = text or rec.prompt
+        with deferred_interrupt():
+            written = save_png(write_dir, SAMPLE_PATTERN, chosen, parameters=params, metadata=new_meta)
+            state.images.append({"path": str(written), **new_meta})
+    what = (f"{rec.width}x{rec.height}, seed {rec.seed}, {rec.sampler} {rec.steps} steps, "
+            f"image {rec.batch_index + 1} of {rec.batch_size}")
+    if result["identical"]:
+        tail = {True: "; the PNG file is byte-identical too", False: "; the PNG file itself differs (re-saved by "
+                "another program, or another Pillow/zlib?)", None: ""}[bytes_identical]
+        verdict = f"identical: {path} regenerated pixel for pixel ({what}){tail}"
+    else:
+        verdict = (f"differs: {path}: mean abs difference {result['mean_abs_diff']:.4f}, max {result['max_abs_diff']} "
+                   f"(0-255 scale), {100 * result['differing_pixels']:.2f}% of pixels differ ({what}; recorded on "
+                   f"{rec.device} {rec.dtype}, replayed on {device.type} {dtype_name})")
+    if written is not None:
+        verdict += f"; regenerated image written to {written}"
+    info(f"replayed in {time.perf_counter() - t0:.1f} s")
+    if args.json:
+        if not args.quiet:
+            print(verdict, file=sys.stderr)
+        print_json({
+            "ok": result["identical"],
+            **result,
+            "bytes_identical": bytes_identical,
+            "image": str(path),
+            "watermark": marked,
+            "recorded": {"device": rec.device, "dtype": rec.dtype, "threads": rec.threads,
+                         "model_hash": rec.model_hash},
+            "replayed": {"device": device.type, "dtype": dtype_name, "threads": threads, "model_hash": model_hash},
+            "written": str(written) if written is not None else None,
+        })
+    else:
+        print(verdict)
+        sys.stdout.flush()
+    return 0 if result["identical"] else 1

@@ -307,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --stage vae: start from <workdir>/vae.pt and train --vae-steps more (a new phase)")
     p.add_argument("--kl-weight", type=float, default=1e-5, help="weight of the per-element KL term (default: %(default)s)")
     p.add_argument("--pool-per-scene", type=int, default=24, help="encoded renders per training scene (default: %(default)s)")
-    p.add_argument("--unet-steps", type=int, default=1500,
+    p.add_argument("--unet-steps", type=int, default=2300,
                    help="UNet + text encoder steps; the learning rate is constant after 100 warm-up steps, so the "
                         "snapshot at step N equals a run of N steps (default: %(default)s)")
     p.add_argument("--unet-batch", type=int, default=64)

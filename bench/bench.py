@@ -323,7 +323,7 @@ def case_vae(case: dict) -> dict:
     torch, device, dtype = setup(case)
     from sd_cli.loading import prepare_for_inference
     from sd_cli.vae import AutoencoderKL
-    from sd_cli.vae_tiling import decode_tiled, use_tiling
+    from sd_cli.vae_tiling import decode_banded, decode_method, decode_tiled
 
     cfg = model_config()
     with torch.device("meta"):
@@ -332,11 +332,12 @@ def case_vae(case: dict) -> dict:
     prepare_for_inference(vae, device, channels_last=case["channels_last"])
     side = case["res"] // 8
     z = (torch.randn(case["batch"], 4, side, side, generator=torch.Generator().manual_seed(3)) / cfg.scale_factor).to(device)
-    tiled = use_tiling(case["vae_tiling"], case["res"], case["res"])
-    out: dict = {"tiled": tiled}
+    method = decode_method(case["vae_tiling"], case["res"], case["res"])
+    out: dict = {"vae_decode": method}
     with torch.inference_mode():
         zd = z.to(dtype)
-        runners = {"ours": (lambda: decode_tiled(vae, zd)) if tiled else (lambda: vae.decode(zd))}
+        decode = {"whole": vae.decode, "bands": lambda z: decode_banded(vae, z), "tiles": lambda z: decode_tiled(vae, z)}
+        runners = {"ours": lambda: decode[method](zd)}
         first = interleaved(runners, device, 1)["ours"]
         out["peak_rss_gib"] = peak_rss_gib()
         if device.type == "cuda":
@@ -528,8 +529,8 @@ def table(results: list[dict]) -> str:
             notes.append("guided step = 1 call on batch 2" if r["batch"] == 1 else f"guided, batch {2 * r['batch']}")
             if r.get("compile_first_call_s") is not None:
                 notes.append(f"compiled; first call {r['compile_first_call_s']:.0f} s")
-        if r["piece"] == "vae" and r.get("tiled"):
-            notes.append("tiled")
+        if r["piece"] == "vae" and r.get("vae_decode", "whole") != "whole":
+            notes.append(f"decoded in {r['vae_decode']}")
         if r["piece"] == "image":
             notes.append(f"{r['sampler']} {r['steps']} steps; median step {fmt_s(r.get('median_step_s'))}, "
                          f"load {fmt_s(r.get('load_s'))} (not in total)")
@@ -537,8 +538,8 @@ def table(results: list[dict]) -> str:
                 notes.append("VAE fell back to fp32")
         if r["piece"] == "load":
             notes.append(f"{r.get('file_gib', 0):.1f} GiB fp32 file, warm page cache")
-        if not r.get("channels_last", True):
-            notes.append("NCHW")
+        if r.get("channels_last") is not None:
+            notes.append("NHWC" if r["channels_last"] else "NCHW")
         if r.get("threads") is not None:
             notes.append(f"{r['threads']} threads")
         rss = f"{r['peak_rss_gib']:.2f} GiB" if r.get("peak_rss_gib") is not None else "-"
@@ -591,7 +592,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="timed calls per runner after one warm-up (default: %(default)s)")
     p.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
                    help="activation layout; auto = what the CLI does on this device (default: %(default)s)")
-    p.add_argument("--vae-tiling", choices=("auto", "on", "off"), default="auto")
+    p.add_argument("--vae-tiling", choices=("auto", "on", "tiles", "off"), default="auto",
+                   help="vae piece: decode as the CLI would (auto), in exact bands (on), in tiles, or whole")
     p.add_argument("--compile", action="store_true", help="torch.compile our UNet (unet piece; reports compile time)")
     p.add_argument("--no-diffusers", action="store_true", help="skip the diffusers comparison")
     p.add_argument("--diffusers-bf16-weights", action="store_true", help="also time diffusers with bf16 weights")
@@ -624,7 +626,6 @@ def main(argv=None) -> int:
         return 0
 
     from sd_cli.cli import DEFAULT_SAMPLER, DEFAULT_STEPS
-    from sd_cli.loading import channels_last_default
     from sd_cli.precision import default_threads
 
     import torch
@@ -637,7 +638,7 @@ def main(argv=None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench: --device cuda but torch sees no CUDA device")
     threads = args.threads or default_threads()
-    cl = {"auto": channels_last_default(device), "on": True, "off": False}[args.channels_last]
+    cl = {"auto": None, "on": True, "off": False}[args.channels_last]  # None: the CLI's per-part default
     with_diffusers = not args.no_diffusers and diffusers_available()
     if not args.no_diffusers and not with_diffusers:
         print("[bench] diffusers is not importable: timing ours only", file=sys.stderr)

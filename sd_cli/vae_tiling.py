@@ -108,7 +108,7 @@ def decode_tiled(
     z = z.contiguous(memory_format=vae.memory_format)
     mid = dec.mid(dec.conv_in(vae.post_quant_conv(z)))  # (B, 512, h, w): global attention and norms
     ys, xs = axis_tiles(h, tile, overlap), axis_tiles(w, tile, overlap)
-    f = 8  # decoder upsampling factor (three x2 levels)
+    f = 2 ** (len(dec.up) - 1)  # decoder upsampling factor (8: three x2 levels)
     wy, wx = axis_weights(ys, f, margin), axis_weights(xs, f, margin)
     out = torch.zeros(b, 3, h * f, w * f, dtype=torch.float32, device=z.device)
     for (y0, th), wyi in zip(ys, wy):

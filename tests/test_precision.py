@@ -199,14 +199,14 @@ def _images(model, dtype_noise_seed=0, steps=8, size=64):
 
 
 def test_bf16_image_stays_close_to_fp32(tiny_models):
-    """Same seed, same weights (bf16-rounded): measured mean |diff| 1.0 and max 19 of 255 on the tiny
-    random model (guidance 7.5 amplifies eps differences 7.5x); bounds at ~2x."""
+    """Same seed, same weights (bf16-rounded), DPM++ 2M 8 steps, guidance 7.5 (which amplifies eps
+    differences 7.5x): measured mean |diff| 0.66 and max 6 of 255 on the tiny random model; bounds ~2.5x."""
     a = _images(tiny_models[torch.float32])
     b = _images(tiny_models[torch.bfloat16])
     d = np.abs(a - b)
     print(f"bf16 vs fp32: mean |diff| {d.mean():.3f}, max {d.max()}")
-    assert d.mean() < 2.5
-    assert d.max() < 48
+    assert d.mean() < 1.6
+    assert d.max() < 16
     assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.99
 
 

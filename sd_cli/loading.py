@@ -136,6 +136,10 @@ def load_model(
     n_pos = cfg.text.max_position_embeddings
     derived[POSITION_IDS] = torch.arange(n_pos, dtype=torch.int64).unsqueeze(0)  # files may lack or corrupt it
     full: dict[str, torch.Tensor] = {}
+    nhwc_prefixes = tuple(
+        prefix for prefix, part in (("model.diffusion_model.", "unet"), ("first_stage_model.", "vae"))
+        if (channels_last_default(device, part) if channels_last is None else channels_last)
+    )
     for key in list(model.state_dict().keys()):
         if key in derived:
             full[key] = derived[key].to(device)
@@ -147,7 +151,10 @@ def load_model(
         # copy=True: a fresh, aligned tensor. Tensors memory-mapped from a file can sit at any byte
         # offset, and CPU kernels take other (numerically different) paths on unaligned data, which
         # would make .ckpt and .safetensors copies of one model give different images.
-        converted = t.to(device=device, dtype=dtype, copy=True)
+        # Conv kernels of a channels-last part are laid out NHWC right here: converting after loading
+        # would hold both layouts at once (measured +0.9 GiB peak for the bf16 UNet).
+        fmt = torch.channels_last if t.dim() == 4 and key.startswith(nhwc_prefixes) else torch.preserve_format
+        converted = t.to(device=device, dtype=dtype, copy=True, memory_format=fmt)
         if not bool(torch.isfinite(converted).all()):  # NaN/inf weights: refuse, naming the tensor
             raise CheckpointError(_non_finite_message(path, key, t, dtype))
         full[key] = converted

@@ -17,7 +17,7 @@ Device and precision come from --device/--precision/--config as in a normal run;
 the ones recorded in the image the report says so (a CUDA float16 image replayed on a CPU in float32 is
 close, not identical). On a CPU the run's thread count (`threads` in the metadata) is used unless
 --threads is given, since CPU results depend on it in the last bit; the VAE decode is tiled or not as
-recorded (`vae_tiled`). Nothing is written unless --outdir is given explicitly: then the regenerated image
+recorded (`vae_decode`). Nothing is written unless --outdir is given explicitly: then the regenerated image
 goes to OUTDIR/samples with the original metadata (device, dtype and `replay_of` updated).
 """
 
@@ -83,7 +83,7 @@ class Recorded:
     model_hash: str
     model_name: str
     watermark: bool | None  # None: written before the field existed
-    vae_tiled: bool | None
+    vae_tiling: str  # the --vae-tiling mode that decodes as the run did: off | on | tiles | auto
     threads: int | None  # CPU threads of the run (results depend on it in the last bit)
     device: str
     dtype: str
@@ -98,6 +98,15 @@ def _field(meta: dict, name: str, kinds: tuple[type, ...], path: Path, default=N
     if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
         raise ReplayError(f"{path}: its sd_cli metadata has a malformed '{name}' ({value!r:.60})")
     return value
+
+
+def _recorded_tiling(meta: dict) -> str:
+    """The --vae-tiling mode that decodes as the recorded run did ("auto" when nothing is recorded)."""
+    method = meta.get("vae_decode")
+    if method in ("whole", "bands", "tiles"):
+        return {"whole": "off", "bands": "on", "tiles": "tiles"}[method]
+    old = meta.get("vae_tiled")  # field of earlier versions: a bool
+    return {True: "on", False: "off"}.get(old, "auto") if isinstance(old, bool) else "auto"
 
 
 def parse_recorded(meta: dict, path: Path) -> Recorded:
@@ -122,7 +131,7 @@ def parse_recorded(meta: dict, path: Path) -> Recorded:
         model_hash=_field(meta, "model_hash", (str,), path),
         model_name=_field(meta, "model_name", (str,), path, default="?"),
         watermark=meta.get("watermark") if isinstance(meta.get("watermark"), bool) else None,
-        vae_tiled=meta.get("vae_tiled") if isinstance(meta.get("vae_tiled"), bool) else None,
+        vae_tiling=_recorded_tiling(meta),
         threads=meta["threads"] if type(meta.get("threads")) is int and 1 <= meta["threads"] <= 1024 else None,
         device=str(meta.get("device", "?")),
         dtype=str(meta.get("dtype", "?")),
@@ -255,7 +264,7 @@ def replay(args: argparse.Namespace, argv: list[str] | None, state) -> int:
     t0 = time.perf_counter()
     info(f"loading {ckpt} ({dtype_name} on {device}{f', {threads} threads' if threads else ''}) ...")
     model = load_model(cfg.model, ckpt, device=device, dtype=dtype)
-    tiling = {True: "on", False: "off", None: "auto"}[rec.vae_tiled]  # decoded as the run did,
+    tiling = rec.vae_tiling  # decoded as the run did,
     if "vae_tiling" in given:  # unless --vae-tiling says otherwise
         tiling = args.vae_tiling
     try:

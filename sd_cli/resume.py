@@ -3,7 +3,7 @@
 A work item is one image of one batch. Its identity is the part of its `sd_cli` PNG metadata that
 decides its pixels (`KEY_FIELDS`): prompt, negative prompt, seed, position in the batch (batch_index,
 batch_size, n_samples: the rows of start noise drawn), steps, sampler, scale, eta, size, model hash,
-compute dtype, whether the VAE decode was tiled and whether the watermark was applied. The device and
+compute dtype, how the VAE decoded (whole, bands or tiles) and whether the watermark was applied. The device and
 the CPU thread count are not part of it: an image made on another machine with the same settings counts
 as done (its pixels may differ in the last bit).
 
@@ -59,7 +59,7 @@ KEY_FIELDS = (
     "height",
     "model_hash",
     "dtype",
-    "vae_tiled",
+    "vae_decode",
     "watermark",
 )
 _FLOAT_FIELDS = ("scale", "eta")

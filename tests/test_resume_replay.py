@@ -60,11 +60,11 @@ def run_json(argv: list[str], capsys) -> tuple[int, dict]:
 
 META = {"prompt": "a cat", "negative_prompt": "", "seed": 42, "batch_index": 0, "batch_size": 2, "n_samples": 2,
         "steps": 20, "sampler": "ddim", "scale": 7.5, "eta": 0.0, "width": 64, "height": 64,
-        "model_hash": "0123456789", "dtype": "float32", "vae_tiled": False, "watermark": False,
+        "model_hash": "0123456789", "dtype": "float32", "vae_decode": "whole", "watermark": False,
         "iteration": 0, "device": "cpu", "threads": 2, "sd_cli_version": "0.1.0", "model_name": "m"}
 OTHER = {"prompt": "a dog", "negative_prompt": "blurry", "seed": 43, "batch_index": 1, "batch_size": 3,
          "n_samples": 3, "steps": 21, "sampler": "plms", "scale": 7.0, "eta": 0.5, "width": 72, "height": 56,
-         "model_hash": "abcdefabcd", "dtype": "float16", "vae_tiled": True, "watermark": True}
+         "model_hash": "abcdefabcd", "dtype": "float16", "vae_decode": "tiles", "watermark": True}
 
 
 def _png(directory: Path, meta: dict, value: int = 0) -> Path:

@@ -266,6 +266,7 @@ class RunState:
     skipped: list[dict] = field(default_factory=list)  # --resume: images found already done
     grid: str | None = None
     grid_kept: bool = False  # --resume: an equal grid already existed
+    rank: int = 0  # under torchrun: only rank 0 prints the summary and --json
     steps: int = 0
     sampling_seconds: float = 0.0
     started: float = field(default_factory=time.perf_counter)
@@ -392,12 +393,24 @@ def run(args: argparse.Namespace, state: RunState) -> None:
     ckpt = Path(args.ckpt).expanduser()
     if not ckpt.exists():
         raise CheckpointError(missing_checkpoint_message(args.ckpt))
+    from .distributed import from_env
+
+    ddp = from_env()  # under torchrun: this process's rank; None when run as one process
+    if ddp is not None:
+        device = ddp.start(device)  # rendezvous; cuda:LOCAL_RANK on CUDA
+        state.rank = ddp.rank
+        if not ddp.is_main:  # rank 0 speaks for the job; the others only warn, naming their rank
+            info = lambda msg: None  # noqa: E731
+            warn = lambda msg: print(f"warning: [rank {ddp.rank}] {msg}", file=sys.stderr)  # noqa: E731
     from .checkpoint import short_hash
     from .loading import load_model
 
-    from .precision import set_threads
+    from .precision import default_threads, set_threads
 
-    threads = set_threads(args.threads) if device.type == "cpu" else None
+    if device.type == "cpu":  # torchrun: by default the host's cores are shared among its ranks
+        threads = set_threads(args.threads or (ddp.threads(default_threads()) if ddp else None))
+    else:
+        threads = None
     t0 = time.perf_counter()
     on = f"{device}, {threads} threads" if threads else str(device)
     info(f"loading {ckpt} ({str(dtype).replace('torch.', '')}, {args.dtype_reason}; on {on}) ...")
@@ -410,7 +423,7 @@ def run(args: argparse.Namespace, state: RunState) -> None:
     from tqdm import tqdm
 
     from .images import (GRID_PATTERN, SAMPLE_PATTERN, WATERMARK_MIN_PIXELS, WatermarkSkipped, apply_watermark,
-                         make_grid, save_png)
+                         make_grid, next_free_index, save_png)
     from .pipeline import Pipeline, initial_noise
 
     from .vae_tiling import decode_method
@@ -440,68 +453,118 @@ def run(args: argparse.Namespace, state: RunState) -> None:
     watermark = not args.no_watermark and height * width >= WATERMARK_MIN_PIXELS
     from .resume import ResumePlan, deferred_interrupt, find_equal_grid, read_pixels
 
-    plan = ResumePlan.scan(sample_dir, warn=warn) if args.resume else None  # --resume: what is done already
+    if args.resume:  # --resume: what is done already (under torchrun rank 0 looks, see sd_cli/distributed.py)
+        plan = ResumePlan.scan(sample_dir, warn=warn) if ddp is None or ddp.is_main else ResumePlan(sample_dir, warn)
+    else:
+        plan = None
     all_images = []
-    total = args.n_iter * len(batches)
-    bar = tqdm(total=total, desc="batches", unit="batch", disable=args.quiet, file=sys.stderr, position=0)
-    for n in range(args.n_iter):
-        for b, batch_prompts in enumerate(batches):
-            k = 0 if args.fixed_code else n * len(batches) + b
-            seed = args.seed + k
-            metas = [{**base, "prompt": prompt, "seed": seed, "batch_size": len(batch_prompts), "batch_index": i,
-                      "n_samples": args.n_samples, "iteration": n, "watermark": watermark}
-                     for i, prompt in enumerate(batch_prompts)]
+    # Work item j = one batch, in the order one process runs them: iteration n, batch b, j = n * len(batches) + b.
+    items = [(n, b, batch_prompts) for n in range(args.n_iter) for b, batch_prompts in enumerate(batches)]
+
+    def metas_of(j: int) -> tuple[int, list[dict]]:
+        """(seed, metadata of each image) of work item j: batch k = j uses seed + k (seed with --fixed_code)."""
+        n, b, batch_prompts = items[j]
+        seed = args.seed + (0 if args.fixed_code else j)
+        return seed, [{**base, "prompt": prompt, "seed": seed, "batch_size": len(batch_prompts), "batch_index": i,
+                       "n_samples": args.n_samples, "iteration": n, "watermark": watermark}
+                      for i, prompt in enumerate(batch_prompts)]
+
+    def run_item(j: int, slot=None) -> None:
+        """Make work item j's images; under torchrun `slot` says which exist and each new file's number."""
+        nonlocal watermark_warned
+        batch_prompts = items[j][2]
+        seed, metas = metas_of(j)
+        if slot is not None:
+            done = [Path(p) if p else None for p in slot.done]
+        else:
             done = plan.take_batch(metas) if plan else [None] * len(metas)
-            if all(done):  # --resume: every image of this batch exists; its pixels still go into the grid
+        if all(done):  # --resume: every image of this batch exists; its pixels still go into the grid
+            if ddp is None:  # (under torchrun rank 0 lists and reads them at the end)
                 state.skipped.extend({"path": str(path), **meta} for path, meta in zip(done, metas))
                 if not args.skip_grid:
                     all_images.extend(read_pixels(path) for path in done)
-                bar.update(1)
-                continue
-            # The batch's generator draws the full-size start noise first (a smaller last batch takes its
-            # first rows), then keeps going for any noise the sampler adds (eta > 0, ancestral).
-            generator = torch.Generator("cpu").manual_seed(seed)
-            noise = initial_noise(generator, args.n_samples, args.C, height, width, args.f)[: len(batch_prompts)]
-            step_bar = tqdm(total=args.ddim_steps, desc=f"sampling {sampler}", unit="step", leave=False,
-                            disable=args.quiet, file=sys.stderr, position=1)
-            t1 = time.perf_counter()
-            images = pipe.generate(
-                batch_prompts,
-                noise,
-                negative_prompt=args.negative_prompt,
-                sampler=sampler,
-                steps=args.ddim_steps,
-                scale=args.scale,
-                eta=eta,
-                generator=generator,
-                callback=lambda i, tot, x: (setattr(step_bar, "total", tot), step_bar.update(1)),
-            )
-            # DDIM/PLMS may run one step more than asked (CompVis' grid: range(0, 1000, 1000 // N) + 1).
-            state.steps += step_bar.n
-            step_bar.close()
-            state.sampling_seconds += time.perf_counter() - t1
-            for i, img in enumerate(images):
-                meta = metas[i]
-                if not args.no_watermark:
-                    try:
-                        img = apply_watermark(img)
-                    except WatermarkSkipped as skipped:
-                        if not watermark_warned:
-                            warn(str(skipped))
-                            watermark_warned = True
-                if done[i] is not None:  # --resume, batch partly done: keep the existing file as it is
+            return
+        # The batch's generator draws the full-size start noise first (a smaller last batch takes its
+        # first rows), then keeps going for any noise the sampler adds (eta > 0, ancestral).
+        generator = torch.Generator("cpu").manual_seed(seed)
+        noise = initial_noise(generator, args.n_samples, args.C, height, width, args.f)[: len(batch_prompts)]
+        step_bar = tqdm(total=args.ddim_steps, desc=f"sampling {sampler}", unit="step", leave=False,
+                        disable=quiet_bars, file=sys.stderr, position=1)
+        t1 = time.perf_counter()
+        images = pipe.generate(
+            batch_prompts,
+            noise,
+            negative_prompt=args.negative_prompt,
+            sampler=sampler,
+            steps=args.ddim_steps,
+            scale=args.scale,
+            eta=eta,
+            generator=generator,
+            callback=lambda i, tot, x: (setattr(step_bar, "total", tot), step_bar.update(1)),
+        )
+        # DDIM/PLMS may run one step more than asked (CompVis' grid: range(0, 1000, 1000 // N) + 1).
+        state.steps += step_bar.n
+        step_bar.close()
+        state.sampling_seconds += time.perf_counter() - t1
+        for i, img in enumerate(images):
+            meta = metas[i]
+            if not args.no_watermark:
+                try:
+                    img = apply_watermark(img)
+                except WatermarkSkipped as skipped:
+                    if not watermark_warned:
+                        warn(str(skipped))
+                        watermark_warned = True
+            if done[i] is not None:  # --resume, batch partly done: keep the existing file as it is
+                if ddp is None:
                     kept = read_pixels(done[i])
                     plan.check_same(done[i], img, kept)
                     state.skipped.append({"path": str(done[i]), **meta})
                     all_images.append(kept)
-                    continue
+                elif done[i].is_file():  # torchrun: rank 0 lists it; compare where the file can be seen
+                    plan.check_same(done[i], img, read_pixels(done[i]))
+                continue
+            if ddp is None:
                 all_images.append(img)
-                if not args.skip_save:
-                    with deferred_interrupt():  # Ctrl-C waits until the file is saved and recorded
-                        path = save_png(sample_dir, SAMPLE_PATTERN, img, parameters=a1111_text(meta, sampler_info.schedule), metadata=meta)
-                        state.images.append({"path": str(path), **meta})
+            elif not args.skip_grid:
+                share.pixels[(j, i)] = img
+            if not args.skip_save:
+                number = slot.numbers[i] if slot is not None else 0
+                with deferred_interrupt():  # Ctrl-C waits until the file is saved and recorded
+                    path = save_png(sample_dir, SAMPLE_PATTERN, img, parameters=a1111_text(meta, sampler_info.schedule),
+                                    metadata=meta, start_index=number, exact=slot is not None)
+                    state.images.append({"path": str(path), **meta})
+                    if ddp is not None:
+                        share.images.append((j, i, state.images[-1]))
+
+    quiet_bars = args.quiet or (ddp is not None and not ddp.is_main)  # torchrun: rank 0 shows its share
+    if ddp is None:
+        bar = tqdm(total=len(items), desc="batches", unit="batch", disable=quiet_bars, file=sys.stderr, position=0)
+        for j in range(len(items)):
+            run_item(j)
             bar.update(1)
-    bar.close()
+    else:
+        from .distributed import Share, grid_pixels, merge
+
+        share = Share(ddp.rank)
+        item_metas = [metas_of(j)[1] for j in range(len(items))]
+        free = None if args.skip_save else (lambda: next_free_index(sample_dir, SAMPLE_PATTERN))
+        slots = ddp.plan_files(item_metas, plan, free)
+        bar = tqdm(total=len(ddp.share(len(items))), desc=f"batches (rank 0 of {ddp.world_size})", unit="batch",
+                   disable=quiet_bars, file=sys.stderr, position=0)
+        ddp.run_share(len(items), lambda j: run_item(j, slots[j]), lambda: bar.update(1))
+        bar.close()
+        share.steps, share.seconds = state.steps, state.sampling_seconds
+        shares = ddp.finish(share)
+        if shares is not None and slots is not None:  # rank 0: the whole job's files, in one-process order
+            state.images, state.skipped = merge(shares, item_metas, slots)
+            state.steps = sum(s.steps for s in shares)
+            state.sampling_seconds = sum(s.seconds for s in shares)
+        ddp.raise_failure(shares)
+        if not ddp.is_main:
+            return
+        if not args.skip_grid:
+            all_images = grid_pixels(shares, slots, read_pixels)
 
     # 5. The grid of every image of the run (as CompVis: n_rows images per row).
     if not args.skip_grid:
@@ -535,9 +598,13 @@ def summary(state: RunState, args: argparse.Namespace, interrupted: bool = False
     if state.skipped or state.grid_kept:
         what += f" ({len(state.skipped)} already there{', grid too' if state.grid_kept else ''}: --resume)"
     tail = "; to finish, run the same command again with --resume" if interrupted else ""
+    if state.rank and not interrupted:
+        return  # torchrun: rank 0 reports the whole job
+    rank = f"[rank {state.rank}] " if state.rank else ""
     if not args.quiet or interrupted:
-        print(f"{head} {what} in {one_line(args.outdir)} ({elapsed:.1f} s, {per_step:.2f} s/step){tail}", file=sys.stderr)
-    if args.json:
+        print(f"{rank}{head} {what} in {one_line(args.outdir)} ({elapsed:.1f} s, {per_step:.2f} s/step){tail}",
+              file=sys.stderr)
+    if args.json and not state.rank:
         out = {
             "ok": not interrupted,
             "interrupted": interrupted,
@@ -562,8 +629,9 @@ def print_json(obj: dict) -> None:
 
 def fail(args: argparse.Namespace, state: RunState, message: str, code: int) -> int:
     """One line on stderr; with --json also the JSON report (with whatever was written before)."""
-    print(f"sd-txt2img: error: {one_line(message)}", file=sys.stderr)
-    if args.json:
+    rank = f"[rank {state.rank}] " if state.rank else ""  # torchrun: every rank's own error, rank 0's JSON
+    print(f"sd-txt2img: error: {rank}{one_line(message)}", file=sys.stderr)
+    if args.json and not state.rank:
         print_json({"ok": False, "error": message, "images": state.images, "grid": state.grid})
     return code
 
@@ -585,6 +653,15 @@ def _sigint_ignored():
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    finally:  # under torchrun: leave the process group (sd_cli/distributed.py)
+        from .distributed import close
+
+        close()
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

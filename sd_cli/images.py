@@ -479,8 +479,36 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _claim_name(directory: Path, pattern: str, tmp: Path, start_index: int) -> Path:
+def _claim_exact(directory: Path, pattern: str, tmp: Path, index: int) -> Path:
+    """Give the temp file the name of number `index` exactly; OutputError if that name is taken."""
+    final = directory / pattern.format(index)
+    try:
+        try:
+            os.link(tmp, final)  # atomic; EEXIST if the name is taken
+            return final
+        except OSError as e:
+            if isinstance(e, FileExistsError) or e.errno in _LINK_FATAL_ERRNOS:
+                raise
+        # No hard links here: reserve the name, then rename over the empty placeholder we own.
+        os.close(os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666))
+    except FileExistsError:
+        raise OutputError(f"cannot save image as {final}: that file already exists (another run writing "
+                          "into the same folder?); it was left as it is") from None
+    try:
+        os.replace(tmp, final)
+    except BaseException:
+        try:
+            os.unlink(final)
+        except OSError:
+            pass
+        raise
+    return final
+
+
+def _claim_name(directory: Path, pattern: str, tmp: Path, start_index: int, exact: bool = False) -> Path:
     """Give the finished temp file its final name without ever replacing an existing file."""
+    if exact:
+        return _claim_exact(directory, pattern, tmp, start_index)
     index = next_free_index(directory, pattern, start_index)
     use_link = True
     for _ in range(_MAX_NAME_ATTEMPTS):
@@ -522,6 +550,7 @@ def save_png(
     parameters: str,
     metadata: dict,
     start_index: int = 0,
+    exact: bool = False,
 ) -> Path:
     """Write ``img`` ((H, W, 3) uint8 RGB) as ``directory / pattern.format(n)`` and return the path.
 
@@ -537,6 +566,9 @@ def save_png(
     exception (a SIGKILL can leave a hidden ``.sd_cli-*.png.tmp``). ``directory`` must exist
     (see ``ensure_writable_dir``). OS errors (disk full, read-only, permissions...) raise
     ``OutputError`` with one line naming the folder.
+
+    ``exact=True`` (runs under torchrun, where the number comes from the work item): the file gets
+    number ``start_index`` or nothing; a taken name is an ``OutputError`` and the file there is kept.
     """
     directory = Path(directory)
     img = _check_rgb_uint8(img, "save_png")
@@ -550,7 +582,7 @@ def save_png(
             _write_png(f, img, parameters, metadata)
             f.flush()
             os.fsync(f.fileno())
-        final = _claim_name(directory, pattern, tmp, start_index)
+        final = _claim_name(directory, pattern, tmp, start_index, exact)
         _fsync_dir(directory)
         return final
     except OSError as e:

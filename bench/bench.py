@@ -503,8 +503,15 @@ def run_child(case: dict, timeout: float | None) -> dict:
     return {**case, **result, "wall_s": wall}
 
 
+STAT = {"name": "median"}  # --stat: how the timed calls of one runner become one figure
+
+
 def med(v):
-    return statistics.median(v) if isinstance(v, list) and v else v
+    """One figure from a runner's timed calls: their median, or with --stat min their minimum (on a shared
+    machine the least-disturbed call; the ratio of two minima compares both runners at their best)."""
+    if not (isinstance(v, list) and v):
+        return v
+    return min(v) if STAT["name"] == "min" else statistics.median(v)
 
 
 def fmt_s(v) -> str:
@@ -603,9 +610,13 @@ def main(argv=None) -> int:
     p.add_argument("--ckpt", default=None, help="load/image pieces: checkpoint (default: a random fp32 file in the temp dir)")
     p.add_argument("--out", default=None, help="JSON file to write (default: bench/results/bench-<time>.json)")
     p.add_argument("--timeout", type=float, default=None, help="seconds per case")
+    p.add_argument("--stat", choices=("median", "min"), default="median",
+                   help="figure per runner from its timed calls: median, or min (for a machine shared with other "
+                        "work, where the median mixes in their load) (default: %(default)s)")
     p.add_argument("--table", nargs="+", metavar="JSON", help="print one table from saved result files and exit")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    STAT["name"] = args.stat
 
     if args.child:
         case = json.loads(args.child)
@@ -619,7 +630,7 @@ def main(argv=None) -> int:
             data = json.loads(Path(f).read_text())
             results += data["results"]
             machines.append(data["machine"])
-        print(f"machine: {json.dumps(machines[0])}\n")
+        print(f"machine: {json.dumps(machines[0])}; figures: {args.stat} of each runner's timed calls\n")
         print(table(results))
         for d in image_diffs(results):
             print(f"\nbf16/fp16 vs fp32 pixels: {d}")
@@ -675,7 +686,8 @@ def main(argv=None) -> int:
     diffs = image_diffs(results) if "image" in pieces else []
     out.write_text(json.dumps({"machine": info, "results": results, "image_diffs": diffs}, indent=1))
     print(f"machine: {info['cpu']}, {info['physical_cores']} cores, avx512_bf16={info['avx512_bf16']}, "
-          f"amx_bf16={info['amx_bf16']}, torch {info['torch']}, diffusers {info['diffusers']}, {threads} threads\n")
+          f"amx_bf16={info['amx_bf16']}, torch {info['torch']}, diffusers {info['diffusers']}, {threads} threads; "
+          f"figures: {args.stat} of each runner's timed calls\n")
     print(table(results))
     for d in diffs:
         print(f"\n{d['other']} vs {d['fp32']}: mean |diff| {d['mean_abs']:.3f}, max {d['max_abs']} "

@@ -494,6 +494,12 @@ def _claim_exact(directory: Path, pattern: str, tmp: Path, index: int) -> Path:
     except FileExistsError:
         raise OutputError(f"cannot save image as {final}: that file already exists (another run writing "
                           "into the same folder?); it was left as it is") from None
+    return _fill_placeholder(tmp, final)
+
+
+def _fill_placeholder(tmp: Path, final: Path) -> Path:
+    """Move the finished temp file onto the empty placeholder `final` (which we created), atomically;
+    on failure the placeholder is removed, so no empty file is left behind."""
     try:
         os.replace(tmp, final)
     except BaseException:
@@ -529,16 +535,8 @@ def _claim_name(directory: Path, pattern: str, tmp: Path, start_index: int, exac
         except FileExistsError:
             index = max(index + 1, next_free_index(directory, pattern, start_index))
             continue
-        try:
-            os.close(fd)
-            os.replace(tmp, final)  # fills the empty placeholder we own, atomically
-        except BaseException:
-            try:
-                os.unlink(final)
-            except OSError:
-                pass
-            raise
-        return final
+        os.close(fd)
+        return _fill_placeholder(tmp, final)
     raise FileExistsError(errno.EEXIST, "no free file name found", str(directory / pattern.format(index)))
 
 

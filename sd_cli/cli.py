@@ -411,12 +411,25 @@ def run(args: argparse.Namespace, state: RunState) -> None:
         threads = set_threads(args.threads or (ddp.threads(default_threads()) if ddp else None))
     else:
         threads = None
-    t0 = time.perf_counter()
-    on = f"{device}, {threads} threads" if threads else str(device)
-    info(f"loading {ckpt} ({str(dtype).replace('torch.', '')}, {args.dtype_reason}; on {on}) ...")
-    model = load_model(cfg.model, ckpt, device=device, dtype=dtype)
-    model_hash = short_hash(ckpt)
-    info(f"model loaded in {time.perf_counter() - t0:.1f} s (hash {model_hash})")
+    model_hash = short_hash(ckpt)  # (cached per file; part of every image's metadata)
+    from .pipeline import Pipeline, initial_noise
+
+    pipe: Pipeline | None = None
+
+    def get_pipe() -> Pipeline:
+        """The model, loaded on first use: a --resume run whose images all exist never loads it."""
+        nonlocal pipe
+        if pipe is None:
+            t0 = time.perf_counter()
+            on = f"{device}, {threads} threads" if threads else str(device)
+            info(f"loading {ckpt} ({str(dtype).replace('torch.', '')}, {args.dtype_reason}; on {on}) ...")
+            model = load_model(cfg.model, ckpt, device=device, dtype=dtype)
+            info(f"model loaded in {time.perf_counter() - t0:.1f} s (hash {model_hash})")
+            pipe = Pipeline(model, device, on_warning=warn, vae_tiling=args.vae_tiling)
+        return pipe
+
+    if not (args.resume and ddp is None):  # (under torchrun every rank loads before the collectives)
+        get_pipe()
 
     # 4. Generate batch by batch, writing each image as soon as it exists.
     import torch
@@ -424,11 +437,8 @@ def run(args: argparse.Namespace, state: RunState) -> None:
 
     from .images import (GRID_PATTERN, SAMPLE_PATTERN, WATERMARK_MIN_PIXELS, WatermarkSkipped, apply_watermark,
                          make_grid, next_free_index, save_png)
-    from .pipeline import Pipeline, initial_noise
-
     from .vae_tiling import decode_method
 
-    pipe = Pipeline(model, device, on_warning=warn, vae_tiling=args.vae_tiling)
     height, width = args.H, args.W
     base = {
         "negative_prompt": args.negative_prompt,
@@ -491,7 +501,7 @@ def run(args: argparse.Namespace, state: RunState) -> None:
         step_bar = tqdm(total=args.ddim_steps, desc=f"sampling {sampler}", unit="step", leave=False,
                         disable=quiet_bars, file=sys.stderr, position=1)
         t1 = time.perf_counter()
-        images = pipe.generate(
+        images = get_pipe().generate(
             batch_prompts,
             noise,
             negative_prompt=args.negative_prompt,

@@ -135,7 +135,8 @@ def _make_bad(case: str, micro: dict, sd: dict, d: Path) -> tuple[Path, str]:
         path.write_bytes(ckpt_bytes[: len(ckpt_bytes) * 2 // 3])
         return path, "truncated"
     if case == "wrong-magic-ckpt":
-        path.write_bytes(b"GIF89a" + os.urandom(4096))
+        # Fixed bytes: random ones made byte 8 a "{" (the safetensors header's start) 1 time in 256.
+        path.write_bytes(b"GIF89a" + bytes(range(256)) * 16)
         return path, "unrecognised content"
     if case == "lying-header":
         path.write_bytes(_lying_header(st_bytes))

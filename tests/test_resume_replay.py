@@ -132,8 +132,16 @@ def test_killed_batch_resumes_to_the_same_files(micro, tmp_path, capsys, monkeyp
     assert [Path(i["path"]).name for i in report["images"]] == [f"{i:05}.png" for i in range(3, 10)]
     assert files_of(killed) == reference  # same names, same bytes, grid included
 
-    # Again: nothing left to do, nothing written (not even a second grid).
+    # Again: nothing left to do, nothing written (not even a second grid), and the model is never loaded.
+    import sd_cli.loading
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("--resume loaded the model although every image exists")
+
+    real_load = sd_cli.loading.load_model
+    monkeypatch.setattr(sd_cli.loading, "load_model", no_load)
     rc, report = run_json(micro_argv(micro, killed, *extra, "--resume"), capsys)
+    monkeypatch.setattr(sd_cli.loading, "load_model", real_load)
     assert rc == 0 and report["images"] == [] and len(report["skipped"]) == 10
     assert report["grid"] == str(killed / "grid-0000.png")
     assert files_of(killed) == reference

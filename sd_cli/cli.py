@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ddim_eta", "--eta", dest="ddim_eta", type=float, default=0.0,
                    help="DDIM eta: 0 deterministic, 1 ancestral-like noise (default: %(default)s)")
     g.add_argument("--scale", type=float, default=7.5,
-                   help="classifier-free guidance scale; 1 turns guidance off (default: %(default)s)")
+                   help="classifier-free guidance scale; 1 turns guidance off (default: %(default)s; 3 with the demo model)")
     g.add_argument("--seed", type=int, default=42,
                    help="seed of the start noise (default: %(default)s). Batch k of a run (k = iteration x "
                         "batches per iteration + batch number) uses seed + k, so with one --prompt iteration n "
@@ -300,14 +300,15 @@ DEMO_DIR = Path(__file__).resolve().parent / "demo"
 
 def use_demo_model(args: argparse.Namespace, argv: list[str] | None) -> bool:
     """No --ckpt given and nothing at DEFAULT_CKPT: switch to the built-in demo model (sd_cli/demo), with its
-    config and native size unless --config/--H/--W are given. False (and args untouched) otherwise."""
+    config, native size and guidance scale unless --config/--H/--W/--scale are given. False (and args
+    untouched) otherwise."""
     from .replay import given_options
 
     given = given_options(argv)
     ckpt, config = DEMO_DIR / "demo.safetensors", DEMO_DIR / "demo.yaml"
     if "ckpt" in given or Path(DEFAULT_CKPT).exists() or not (ckpt.is_file() and config.is_file()):
         return False
-    from .demo_data import SIZE
+    from .demo_data import GUIDANCE, SIZE
 
     args.ckpt = str(ckpt)
     if "config" not in given:
@@ -316,6 +317,8 @@ def use_demo_model(args: argparse.Namespace, argv: list[str] | None) -> bool:
         args.H = SIZE
     if "W" not in given:
         args.W = SIZE
+    if "scale" not in given:
+        args.scale = GUIDANCE
     return True
 
 
@@ -687,7 +690,7 @@ def _main(argv: list[str] | None) -> int:
     state = RunState()
     try:
         if use_demo_model(args, argv):  # said even with -q: the pictures are not from SD weights
-            print(f"note: using the built-in demo model (64x64 shapes); put real SD v1 weights at "
+            print(f"note: using the built-in demo model (64x64 shapes, guidance {args.scale:g}); put real SD v1 weights at "
                   f"{DEFAULT_CKPT} or pass --ckpt", file=sys.stderr)
         if args.replay:  # check an image instead of making new ones (sd_cli/replay.py)
             from .replay import replay

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ckpt", type=Path, default=DEMO_DIR / "demo.safetensors")
     p.add_argument("--config", type=Path, default=DEMO_DIR / "demo.yaml")
     p.add_argument("--samplers", default="ddim,plms,dpmpp_2m,euler_a")
-    p.add_argument("--steps", default="10,20,50", help="comma-separated step counts (default: %(default)s)")
+    p.add_argument("--steps", default="10,25,50", help="comma-separated step counts (default: %(default)s)")
     p.add_argument("--scales", default="1.0,7.5", help="comma-separated guidance scales (default: %(default)s)")
     p.add_argument("--seeds", type=int, default=4, help="images per held-out prompt (seeds 0..N-1) (default: %(default)s)")
     p.add_argument("--train-prompts", action="store_true", help="also score prompts of training scenes (canonical phrasing)")

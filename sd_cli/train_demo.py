@@ -6,13 +6,15 @@ dependency-free and bit-for-bit deterministic for a seed on a given machine and 
 1. VAE: SD's AutoencoderKL layout (f=8, 4 levels), trained on 64x64 renders of the synthetic scenes
    (sd_cli.demo_data) with L1 + L2 reconstruction and a small KL term.
 2. Latent diffusion: a pool of training renders is encoded once with the frozen VAE; the scale factor is
-   measured so latents have unit std; then the UNet and the CLIP-style text encoder learn eps-prediction
-   on SD's schedule (scaled linear betas 0.00085..0.012, 1000 steps), with the caption replaced by "" 10%
-   of the time so classifier-free guidance works. An EMA of the weights is what gets exported.
+   set so latents have std --latent-std (0.3, not SD's 1: see its help); then the UNet and the CLIP-style
+   text encoder learn eps-prediction on SD's schedule (scaled linear betas 0.00085..0.012, 1000 steps),
+   with the caption replaced by "" 10% of the time so classifier-free guidance works. Phase 1 runs at a
+   constant learning rate, phase 2 continues from its EMA weights with a cosine decay. An EMA of the
+   weights is what gets exported.
 
 Output: `<out>/demo.safetensors` (fp16, the exact SD v1 key names, only the sizes differ) and
-`<out>/demo.yaml` (our config format). Intermediate state goes to --workdir (vae.pt, unet.pt), so
-`--stage unet` reuses a trained VAE and `--stage export` writes the latest UNet snapshot.
+`<out>/demo.yaml` (our config format). Intermediate state goes to --workdir (vae.pt, unet.pt,
+unet_phase1.pt), so `--stage unet` reuses a trained VAE and `--stage export` writes the latest UNet snapshot.
 Held-out scenes (sd_cli.demo_data.held_out) never appear in training.
 """
 
@@ -32,8 +34,11 @@ import torch.nn.functional as F
 
 from . import demo_data as D
 
-# The demo model: SD v1's layout (4 UNet levels, 2 res blocks, attention at 4/2/1, 12 CLIP layers,
-# 4-level VAE), the smallest widths the layout allows (multiples of 32; 8 GroupNorm groups).
+# The demo model: SD v1's layout (4 UNet levels, 2 res blocks, attention at 4/2/1, a CLIP text tower,
+# 4-level VAE), small widths (multiples of 32; 8 GroupNorm groups). The text tower is 2 layers of width 64
+# (context_dim 64): measured, 12 layers of width 16 never learned which color word belongs to the shape
+# and which to the background; its 49408-token embedding (6.3 MB in fp16) is paid for by UNet levels
+# 3-4 at 64 channels instead of 96.
 DEMO_MODEL = {
     "family": "sd1",
     "scale_factor": None,  # measured
@@ -41,16 +46,16 @@ DEMO_MODEL = {
     "schedule": {"linear_start": 0.00085, "linear_end": 0.012, "timesteps": 1000},
     "unet": {
         "in_channels": 4, "out_channels": 4, "model_channels": 32, "attention_resolutions": [4, 2, 1],
-        "num_res_blocks": 2, "channel_mult": [1, 2, 3, 3], "num_heads": 4, "transformer_depth": 1,
-        "context_dim": 16,
+        "num_res_blocks": 2, "channel_mult": [1, 2, 2, 2], "num_heads": 4, "transformer_depth": 1,
+        "context_dim": 64,
     },
     "vae": {
         "embed_dim": 4, "z_channels": 4, "in_channels": 3, "out_ch": 3, "ch": 32, "ch_mult": [1, 2, 3, 3],
         "num_res_blocks": 2, "attn_resolutions": [], "resolution": 64,
     },
     "text_encoder": {
-        "vocab_size": 49408, "hidden_size": 16, "intermediate_size": 64, "num_hidden_layers": 12,
-        "num_attention_heads": 2, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
+        "vocab_size": 49408, "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
     },
 }
 DEFAULT_OUT = Path(__file__).resolve().parent / "demo"
@@ -64,18 +69,38 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def model_config(scale_factor: float = 1.0):
+def model_dict(args=None) -> dict:
+    """DEMO_MODEL with the sizes given on the command line (--text-hidden, --unet-channels, ...)."""
+    m = copy.deepcopy(DEMO_MODEL)
+    if args is None:
+        return m
+    te, un = m["text_encoder"], m["unet"]
+    if getattr(args, "text_hidden", None):
+        te["hidden_size"] = un["context_dim"] = args.text_hidden
+        te["intermediate_size"] = 4 * args.text_hidden
+    if getattr(args, "text_layers", None):
+        te["num_hidden_layers"] = args.text_layers
+    if getattr(args, "text_heads", None):
+        te["num_attention_heads"] = args.text_heads
+    if getattr(args, "unet_channels", None):
+        un["model_channels"] = args.unet_channels
+    if getattr(args, "unet_mult", None):
+        un["channel_mult"] = [int(x) for x in args.unet_mult.split(",")]
+    return m
+
+
+def model_config(scale_factor: float = 1.0, m: dict | None = None):
     from .config import Config, _from_ours  # noqa: F401  (our YAML reader, so the YAML and training agree)
 
-    m = copy.deepcopy(DEMO_MODEL)
+    m = copy.deepcopy(m or DEMO_MODEL)
     m["scale_factor"] = scale_factor
     return _from_ours(m)
 
 
-def yaml_text(scale_factor: float, extra: dict) -> str:
+def yaml_text(scale_factor: float, extra: dict, m: dict | None = None) -> str:
     from omegaconf import OmegaConf
 
-    m = copy.deepcopy(DEMO_MODEL)
+    m = copy.deepcopy(m or DEMO_MODEL)
     m["scale_factor"] = float(scale_factor)
     body = OmegaConf.to_yaml(OmegaConf.create({"model": m, "runtime": {"device": "auto", "precision": "autocast"}}))
     info = "".join(f"# {k}: {v}\n" for k, v in extra.items())
@@ -171,7 +196,10 @@ def encode_pool(args, vae) -> tuple[torch.Tensor, torch.Tensor, list[D.Scene]]:
     return torch.cat(means), torch.cat(stds), scenes
 
 
-def train_unet(args, model, pool, scale_factor: float, workdir: Path) -> dict:
+def train_unet(args, model, pool, scale_factor: float, workdir: Path, steps: int, final_lr: float | None = None,
+               step_offset: int = 0) -> dict:
+    """`steps` AdamW steps (fresh optimizer and EMA, starting from the model's current weights): lr warm-up
+    over 100 steps, then constant (final_lr None) or cosine down to final_lr."""
     from .tokenizer import get_tokenizer
 
     mean, std, scenes = pool
@@ -190,7 +218,11 @@ def train_unet(args, model, pool, scale_factor: float, workdir: Path) -> dict:
     for p in model.first_stage_model.parameters():
         p.requires_grad_(False)
     ema = [p.detach().clone() for p in params]
-    opt = torch.optim.AdamW(params, lr=args.unet_lr, betas=(0.9, 0.99), weight_decay=0.0)
+    text_mult = args.text_lr / args.unet_lr
+    opt = torch.optim.AdamW([{"params": list(unet.parameters()), "mult": 1.0},
+                             {"params": list(text.parameters()), "mult": text_mult}],
+                            lr=args.unet_lr, betas=(0.9, 0.99), weight_decay=0.0)
+    probe_set = make_probe(args, pool, scale_factor)
     ac = model.alphas_cumprod.float()
     gen = torch.Generator().manual_seed(args.seed + 2)
     rng = np.random.default_rng(args.seed + 3)
@@ -198,11 +230,14 @@ def train_unet(args, model, pool, scale_factor: float, workdir: Path) -> dict:
     losses = []
     unet.train()
     text.train()
-    for step in range(args.unet_steps):
+    for step in range(steps):
         lr = args.unet_lr * min(1.0, (step + 1) / 100)  # constant after warm-up: a run cut at step N
         # equals a run with --unet-steps N, so any snapshot is a finished model of its own length
+        if final_lr is not None and step >= 100:  # or cosine from --unet-lr down to final_lr
+            p = (step - 100) / max(1, steps - 101)
+            lr = final_lr + (args.unet_lr - final_lr) * 0.5 * (1 + math.cos(math.pi * p))
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g["mult"]
         idx = torch.from_numpy(rng.integers(len(scenes), size=args.unet_batch))
         caps = []
         for i in idx.tolist():
@@ -225,17 +260,52 @@ def train_unet(args, model, pool, scale_factor: float, workdir: Path) -> dict:
         with torch.no_grad():
             torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
         losses.append(loss.item())
-        if step % 25 == 0 or step == args.unet_steps - 1:
-            log(f"unet step {step + 1}/{args.unet_steps} loss {np.mean(losses[-25:]):.4f} lr {lr:.2e} "
+        if step % 25 == 0 or step == steps - 1:
+            log(f"unet step {step_offset + step + 1}/{step_offset + steps} loss {np.mean(losses[-25:]):.4f} lr {lr:.2e} "
                 f"({time.time() - t0:.0f} s)")
-        if (step + 1) % args.save_every == 0 or step == args.unet_steps - 1:
-            save_unet_snapshot(workdir, model, params, ema, step + 1, scale_factor)
+        if (step + 1) % args.save_every == 0 or step == steps - 1:
+            save_unet_snapshot(workdir, model, params, ema, step_offset + step + 1, scale_factor, args.model_dict)
+        if args.probe_every and ((step + 1) % args.probe_every == 0 or step == steps - 1):
+            log(f"probe at step {step_offset + step + 1}: {probe(model, probe_set, tok)}")
     unet.eval()
     text.eval()
     return {"unet_seconds": round(time.time() - t0, 1), "final_loss": float(np.mean(losses[-100:]))}
 
 
-def save_unet_snapshot(workdir: Path, model, params, ema, step: int, scale_factor: float) -> None:
+def make_probe(args, pool, scale_factor: float, n: int = 192) -> dict:
+    """A fixed batch (latents, noise, t in 100..900) to measure how much the captions matter."""
+    mean, _, scenes = pool
+    g = torch.Generator().manual_seed(args.seed + 7)
+    idx = torch.randperm(len(scenes), generator=g)[:n]
+    z0 = mean[idx] * scale_factor
+    return {"z0": z0, "eps": torch.randn(z0.shape, generator=g), "t": torch.randint(100, 900, (len(z0),), generator=g),
+            "scenes": [scenes[i] for i in idx.tolist()]}
+
+
+@torch.no_grad()
+def probe(model, ps: dict, tok) -> str:
+    """eps-MSE with the right caption, with foreground/background colors swapped, with random colors, and
+    with "": the gaps show whether the model reads the colors and their roles from the text."""
+    a = model.alphas_cumprod.float()[ps["t"]].view(-1, 1, 1, 1)
+    xt = a.sqrt() * ps["z0"] + (1 - a).sqrt() * ps["eps"]
+    rng = np.random.default_rng(0)
+
+    def recolor(s):
+        c, b = rng.choice(len(D.COLOR_NAMES), size=2, replace=False)
+        return D.Scene(s.shape, D.COLOR_NAMES[c], D.COLOR_NAMES[b])
+
+    caps = {"right": [s.prompt() for s in ps["scenes"]],
+            "swapped": [D.Scene(s.shape, s.bg, s.color).prompt() for s in ps["scenes"]],
+            "random": [recolor(s).prompt() for s in ps["scenes"]],
+            "empty": [""] * len(ps["scenes"])}
+    was = model.training
+    model.eval()
+    out = {k: F.mse_loss(model.unet(xt, ps["t"], model.encode_text(tok(v).ids)), ps["eps"]).item() for k, v in caps.items()}
+    model.train(was)
+    return " ".join(f"{k} {v:.4f}" for k, v in out.items())
+
+
+def save_unet_snapshot(workdir: Path, model, params, ema, step: int, scale_factor: float, mdict: dict) -> None:
     """The EMA weights of UNet + text encoder (plus the VAE) as a full state dict, written atomically."""
     backup = [p.detach().clone() for p in params]
     with torch.no_grad():
@@ -245,7 +315,7 @@ def save_unet_snapshot(workdir: Path, model, params, ema, step: int, scale_facto
         for p, b in zip(params, backup):
             p.copy_(b)
     tmp = workdir / "unet.pt.tmp"
-    torch.save({"state_dict": sd, "step": step, "scale_factor": scale_factor}, tmp)
+    torch.save({"state_dict": sd, "step": step, "scale_factor": scale_factor, "model": json.dumps(mdict)}, tmp)
     tmp.replace(workdir / "unet.pt")
 
 
@@ -267,7 +337,8 @@ def export(workdir: Path, out: Path, extra: dict | None = None) -> Path:
     save_file(sd, str(path), metadata={"format": "pt", "sd_cli_demo": "1", "step": str(snap["step"])})
     path.chmod(0o644)
     info = {"unet steps": snap["step"], **(extra or {})}
-    (out / "demo.yaml").write_text(yaml_text(snap["scale_factor"], info))
+    mdict = json.loads(snap["model"]) if "model" in snap else None
+    (out / "demo.yaml").write_text(yaml_text(snap["scale_factor"], info, mdict))
     log(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB) and {out / 'demo.yaml'}")
     return path
 
@@ -306,15 +377,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae-resume", action="store_true",
                    help="with --stage vae: start from <workdir>/vae.pt and train --vae-steps more (a new phase)")
     p.add_argument("--kl-weight", type=float, default=1e-5, help="weight of the per-element KL term (default: %(default)s)")
-    p.add_argument("--pool-per-scene", type=int, default=24, help="encoded renders per training scene (default: %(default)s)")
-    p.add_argument("--unet-steps", type=int, default=2300,
-                   help="UNet + text encoder steps; the learning rate is constant after 100 warm-up steps, so the "
-                        "snapshot at step N equals a run of N steps (default: %(default)s)")
+    p.add_argument("--pool-per-scene", type=int, default=32, help="encoded renders per training scene (default: %(default)s)")
+    p.add_argument("--unet-steps", type=int, default=4000,
+                   help="UNet + text encoder steps of phase 1; the learning rate is constant after 100 warm-up steps, "
+                        "so the snapshot at step N equals a phase 1 of N steps (default: %(default)s)")
+    p.add_argument("--decay-steps", type=int, default=3000,
+                   help="phase 2: this many more steps from phase 1's EMA weights (fresh optimizer and EMA), the "
+                        "learning rate warmed up again, then cosine down to --final-lr (0: no phase 2) (default: %(default)s)")
+    p.add_argument("--final-lr", type=float, default=3e-5, help="end of phase 2's cosine (default: %(default)s)")
     p.add_argument("--unet-batch", type=int, default=64)
     p.add_argument("--unet-lr", type=float, default=1e-3)
+    p.add_argument("--text-lr", type=float, default=2e-3, help="learning rate of the text encoder (default: %(default)s)")
+    p.add_argument("--latent-std", type=float, default=0.3,
+                   help="std of the scaled latents the UNet learns (scale_factor = this / measured std). Below 1 the "
+                        "flat colors of these 8x8 latents are no longer readable through the noise at SD's highest "
+                        "timesteps, so the model has to take them from the caption (default: %(default)s)")
+    p.add_argument("--text-hidden", type=int, help="text encoder width = UNet context_dim (default: %d)" % DEMO_MODEL["text_encoder"]["hidden_size"])
+    p.add_argument("--text-layers", type=int, help="text encoder layers (default: %d)" % DEMO_MODEL["text_encoder"]["num_hidden_layers"])
+    p.add_argument("--text-heads", type=int, help="text encoder attention heads (default: %d)" % DEMO_MODEL["text_encoder"]["num_attention_heads"])
+    p.add_argument("--unet-channels", type=int, help="UNet model_channels (default: %d)" % DEMO_MODEL["unet"]["model_channels"])
+    p.add_argument("--unet-mult", help="UNet channel_mult, comma-separated (default: %s)" % ",".join(map(str, DEMO_MODEL["unet"]["channel_mult"])))
+    p.add_argument("--init-from", type=Path,
+                   help="with --stage unet: skip phase 1 and run phase 2 from this unet.pt snapshot (e.g. "
+                        "<workdir>/unet_phase1.pt)")
+    p.add_argument("--note", help="a line for the YAML header (e.g. how the run was made)")
+    p.add_argument("--probe-every", type=int, default=250,
+                   help="every N steps log the eps loss on a fixed batch with the right caption, with shape and "
+                        "background colors swapped, with random colors and with \"\" (0: never) (default: %(default)s)")
     p.add_argument("--uncond-prob", type=float, default=0.1, help="caption dropout for guidance (default: %(default)s)")
     p.add_argument("--ema", type=float, default=0.995, help="EMA decay of the exported weights (default: %(default)s)")
-    p.add_argument("--save-every", type=int, default=50, help="UNet snapshot every N steps (default: %(default)s)")
+    p.add_argument("--save-every", type=int, default=100, help="UNet snapshot every N steps (default: %(default)s)")
     return p
 
 
@@ -329,7 +421,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from .ldm import LatentDiffusion
 
-    model = LatentDiffusion(model_config(1.0))
+    args.model_dict = model_dict(args)
+    init = None
+    if args.init_from:  # phase 2 from a snapshot (its sizes, weights and scale factor)
+        init = torch.load(args.init_from, map_location="cpu", weights_only=True)
+        args.model_dict = json.loads(init["model"])
+    model = LatentDiffusion(model_config(1.0, args.model_dict))
     torch.manual_seed(args.seed)
     with torch.no_grad():
         # zero-init the UNet's output conv (eps starts at 0), as LDM does
@@ -340,7 +437,8 @@ def main(argv: list[str] | None = None) -> int:
         embed = model.first_stage_model.quant_conv.bias.shape[0] // 2
         model.first_stage_model.quant_conv.bias[embed:] = -8.0
     n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    log(f"params: unet {n(model.model):,} vae {n(model.first_stage_model):,} text {n(model.cond_stage_model):,}")
+    log(f"params: unet {n(model.model):,} vae {n(model.first_stage_model):,} text {n(model.cond_stage_model):,} "
+        f"(fp16 file ~{2 * n(model) / 1e6:.1f} MB)")
     stats: dict = {}
     vae = model.first_stage_model
     if args.stage in ("all", "vae"):
@@ -372,15 +470,32 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     pool = encode_pool(args, vae)
     z = pool[0] + pool[1] * torch.randn(pool[0].shape, generator=torch.Generator().manual_seed(args.seed))
-    scale_factor = float(f"{1.0 / z.std().item():.5g}")
+    scale_factor = float(f"{args.latent_std / z.std().item():.5g}") if init is None else init["scale_factor"]
     log(f"pool: {len(pool[2])} latents in {time.time() - t0:.0f} s, latent std {z.std().item():.4f}, "
         f"mean {z.mean().item():.4f} -> scale_factor {scale_factor}")
-    model.cfg = model_config(scale_factor)
-    stats.update(train_unet(args, model, pool, scale_factor, args.workdir))
-    stats["latent_std_before_scaling"] = round(1.0 / scale_factor, 4)
+    model.cfg = model_config(scale_factor, args.model_dict)
+    if init is None:
+        log(f"phase 1: {args.unet_steps} steps at lr {args.unet_lr:g} (text encoder {args.text_lr:g})")
+        phase1 = train_unet(args, model, pool, scale_factor, args.workdir, args.unet_steps)
+        stats["phase1"] = {"steps": args.unet_steps, **phase1}
+        stats["unet_seconds"] = phase1["unet_seconds"]
+        (args.workdir / "unet.pt").replace(args.workdir / "unet_phase1.pt")
+        init = torch.load(args.workdir / "unet_phase1.pt", map_location="cpu", weights_only=True)
+    if args.decay_steps > 0:
+        model.load_state_dict(init["state_dict"])  # the EMA weights of phase 1
+        log(f"phase 2 from step {init['step']}: {args.decay_steps} steps, cosine lr {args.unet_lr:g} -> {args.final_lr:g}")
+        phase2 = train_unet(args, model, pool, scale_factor, args.workdir, args.decay_steps, args.final_lr, init["step"])
+        stats["phase2"] = {"steps": args.decay_steps, **phase2}
+        stats["unet_seconds"] = round(stats.get("unet_seconds", 0.0) + phase2["unet_seconds"], 1)
+    else:
+        torch.save(init, args.workdir / "unet.pt")  # what --stage export writes
+    stats["latent_std_before_scaling"] = round(z.std().item(), 4)
     stats["seed"] = args.seed
     (args.workdir / "stats.json").write_text(json.dumps(stats, indent=1))
-    export(args.workdir, args.out, {k: stats[k] for k in ("vae_seconds", "unet_seconds", "seed") if k in stats})
+    extra = {k: stats[k] for k in ("vae_seconds", "unet_seconds", "seed") if k in stats}
+    if args.note:
+        extra["note"] = args.note
+    export(args.workdir, args.out, extra)
     log(f"done: {stats}")
     return 0
 

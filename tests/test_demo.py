@@ -25,13 +25,14 @@ pytestmark = pytest.mark.skipif(
 )
 
 SAMPLERS = ("ddim", "plms", "dpmpp_2m", "euler_a")
-# The shipped model was cut short by the training budget and does not follow prompts reliably yet (see
-# README "The demo model" for its measured accuracy). The checks of what it draws stay in place and run:
-# they report XPASS once a retrained model (python -m sd_cli.train_demo --unet-steps 6000) gets them right.
-FOLLOWS_PROMPTS = pytest.mark.xfail(
-    reason="shipped demo model is under-trained: colors/shape match the prompt only at chance level so far",
-    strict=False,
-)
+# The prompt-following check runs at the demo model's own guidance (D.GUIDANCE = 3, what the CLI uses for
+# it) and 25 steps, where held-out accuracy measured DDIM 100%, DPM++ 2M 100%, Euler a 98%, PLMS 92%.
+# PLMS (4th-order multistep on eps) is the least stable on this model: the conditional and unconditional
+# predictions of a tiny model of 80 flat scenes differ far more than real SD's, and the multistep
+# extrapolation of the guided eps overshoots (0% at scale 7.5). 92% per image leaves a real chance that one
+# of six images is wrong on another machine's rounding, so its check may fail (it reports XPASS when right).
+PLMS_UNSTABLE = pytest.mark.xfail(reason="PLMS: 92% per image at guidance 3 on the demo model", strict=False)
+FOLLOWING = [pytest.param(s, marks=PLMS_UNSTABLE) if s == "plms" else s for s in SAMPLERS]
 # A few training scenes and a few held-out ones (never seen whole in training), one per shape at least.
 PROMPTS = (
     "a red circle on a blue background",
@@ -58,15 +59,14 @@ def test_prompts_parse_and_held_out_are_not_trained():
             assert D.parse_prompt(scene.prompt(t)) == scene
 
 
-@FOLLOWS_PROMPTS
-@pytest.mark.slow  # xfail today; kept out of the default run until a retrained model passes it
-@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("sampler", FOLLOWING)
 def test_every_sampler_draws_what_the_prompt_says(sampler, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
     out = tmp_path / "out"
     argv = ["--ckpt", str(CKPT), "--config", str(CONFIG), "--from-file", str(prompts), "--n_samples", str(len(PROMPTS)),
-            "--n_iter", "1", "--H", "64", "--W", "64", "--sampler", sampler, "--ddim_steps", "20", "--seed", "1",
+            "--n_iter", "1", "--H", "64", "--W", "64", "--sampler", sampler, "--ddim_steps", "25", "--seed", "1",
+            "--scale", str(D.GUIDANCE),
             "--skip_grid", "--device", "cpu", "-q", "--outdir", str(out)]
     assert main(argv) == 0
     files = sorted((out / "samples").glob("*.png"))
@@ -94,6 +94,7 @@ def test_demo_is_the_default_without_weights(tmp_path):
     img = np.asarray(Image.open(report["images"][0]["path"]).convert("RGB"))
     assert img.shape == (64, 64, 3)
     assert report["images"][0]["model_name"] == "demo" and report["images"][0]["width"] == 64
+    assert report["images"][0]["scale"] == D.GUIDANCE and f"guidance {D.GUIDANCE:g}" in notes[0]
     assert img.std() > 10  # a picture, not a flat or black square
 
 

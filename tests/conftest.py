@@ -143,3 +143,29 @@ def tiny_files(tmp_path_factory) -> dict[str, Path]:
     ckpt_sd = {k: v for k, v in sd.items() if not k.endswith("position_ids")}
     save_lightning_ckpt(ckpt_sd, d / "tiny.ckpt")
     return {"config": d / "tiny.yaml", "safetensors": d / "tiny.safetensors", "ckpt": d / "tiny.ckpt"}
+
+
+# Fixtures of the micro-model test files (test_fuzz, test_reliability, test_resume_replay, ...).
+
+
+@pytest.fixture
+def private_hash_cache(tmp_path_factory, monkeypatch):
+    """The checkpoint hash cache in the test session's temp dir, never the user's ~/.cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "hash-cache"))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Micro-model runs are far faster on one thread on a small shared machine (no spinning threads)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def micro(tmp_path_factory):
+    """The micro model's checkpoints (tests/micro_model.py), made once per session."""
+    from micro_model import micro_checkpoints
+
+    return micro_checkpoints(tmp_path_factory.getbasetemp() / "micro_model")

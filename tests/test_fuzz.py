@@ -29,7 +29,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from micro_model import micro_checkpoints
 from sd_cli.checkpoint import read_state_dict
 from sd_cli.errors import SdCliError
 
@@ -59,23 +58,7 @@ def time_limit(seconds: float):
         signal.signal(signal.SIGALRM, previous)
 
 
-@pytest.fixture(autouse=True)
-def _private_hash_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "hash-cache"))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Micro-model runs are far faster on one thread on a small shared machine (no spinning threads)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="session")
-def micro(tmp_path_factory):
-    return micro_checkpoints(tmp_path_factory.getbasetemp() / "micro_model")
+pytestmark = pytest.mark.usefixtures("private_hash_cache", "one_torch_thread")  # (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from conftest import REPO, save_lightning_ckpt
-from micro_model import micro_argv, micro_checkpoints
+from micro_model import micro_argv
 from sd_cli import images
 from sd_cli.cli import main
 from sd_cli.errors import PromptFileError
@@ -29,23 +29,7 @@ from sd_cli.prompts import parse_prompts, read_prompt_file
 from sd_cli.resume import deferred_interrupt
 
 
-@pytest.fixture(autouse=True)
-def _private_hash_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "hash-cache"))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Micro-model runs are far faster on one thread on a small shared machine (no spinning threads)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="session")
-def micro(tmp_path_factory):
-    return micro_checkpoints(tmp_path_factory.getbasetemp() / "micro_model")
+pytestmark = pytest.mark.usefixtures("private_hash_cache", "one_torch_thread")  # (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -13,29 +13,14 @@ import pytest
 import torch
 from PIL import Image, PngImagePlugin
 
-from micro_model import micro_argv, micro_checkpoints
+from micro_model import micro_argv
 from sd_cli import images
 from sd_cli.cli import main
 from sd_cli.images import read_png_metadata, save_png
 from sd_cli.resume import KEY_FIELDS, ResumePlan
 
 
-@pytest.fixture(autouse=True)
-def _private_hash_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "hash-cache"))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="session")
-def micro(tmp_path_factory):
-    return micro_checkpoints(tmp_path_factory.getbasetemp() / "micro_model")
+pytestmark = pytest.mark.usefixtures("private_hash_cache", "one_torch_thread")  # (tests/conftest.py)
 
 
 def files_of(outdir: Path) -> dict[str, bytes]:

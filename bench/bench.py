@@ -173,35 +173,37 @@ def diffusers_available() -> bool:
     return True
 
 
-def diffusers_unet(ours_unet, cfg, device):
-    """diffusers' UNet2DConditionModel holding our UNet's weights (as float32), via diffusers' converter."""
+def _diffusers_copy(ours, prefix, cls, make_config, convert, cfg, device):
+    """A diffusers `cls` holding `ours`' weights (as float32): the LDM keys (`prefix` + our names) go through
+    diffusers' own `make_config` and `convert` from `diffusers.loaders.single_file_utils`."""
     import torch
+
+    sd = {f"{prefix}{k}": v.detach().to("cpu", torch.float32) for k, v in ours.state_dict().items()}
+    config = make_config(compvis_config(cfg), sd)
+    converted = convert(sd, config)
+    del sd
+    with torch.device("meta"):
+        model = cls(**config)
+    model.load_state_dict(converted, strict=True, assign=True)
+    return model.to(device).eval().requires_grad_(False)
+
+
+def diffusers_unet(ours_unet, cfg, device):
+    """diffusers' UNet2DConditionModel with our UNet's weights."""
     from diffusers import UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
 
-    sd = {f"model.diffusion_model.{k}": v.detach().to("cpu", torch.float32) for k, v in ours_unet.state_dict().items()}
-    config = create_unet_diffusers_config_from_ldm(compvis_config(cfg), sd)
-    converted = convert_ldm_unet_checkpoint(sd, config)
-    del sd
-    with torch.device("meta"):
-        model = UNet2DConditionModel(**config)
-    model.load_state_dict(converted, strict=True, assign=True)
-    return model.to(device).eval().requires_grad_(False)
+    return _diffusers_copy(ours_unet, "model.diffusion_model.", UNet2DConditionModel,
+                           create_unet_diffusers_config_from_ldm, convert_ldm_unet_checkpoint, cfg, device)
 
 
 def diffusers_vae(ours_vae, cfg, device):
-    import torch
+    """diffusers' AutoencoderKL with our VAE's weights."""
     from diffusers import AutoencoderKL
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint, create_vae_diffusers_config_from_ldm
 
-    sd = {f"first_stage_model.{k}": v.detach().to("cpu", torch.float32) for k, v in ours_vae.state_dict().items()}
-    config = create_vae_diffusers_config_from_ldm(compvis_config(cfg), sd)
-    converted = convert_ldm_vae_checkpoint(sd, config)
-    del sd
-    with torch.device("meta"):
-        model = AutoencoderKL(**config)
-    model.load_state_dict(converted, strict=True, assign=True)
-    return model.to(device).eval().requires_grad_(False)
+    return _diffusers_copy(ours_vae, "first_stage_model.", AutoencoderKL,
+                           create_vae_diffusers_config_from_ldm, convert_ldm_vae_checkpoint, cfg, device)
 
 
 def diffusers_runner(model, mode: str, device):

@@ -98,13 +98,9 @@ def assert_uint8_close(ours: np.ndarray, ref: np.ndarray, name: str) -> None:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
+def _one_thread(one_torch_thread):
     """The tiny models gain nothing from intra-op threads, and on a busy CI box (other jobs holding
-    cores) OpenMP's spinning workers make each UNet call ~100x slower; restored after this module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    cores) OpenMP's spinning workers make each UNet call ~100x slower (conftest's one_torch_thread)."""
 
 
 @pytest.fixture(scope="module")

@@ -26,12 +26,17 @@ pytestmark = pytest.mark.skipif(
 
 SAMPLERS = ("ddim", "plms", "dpmpp_2m", "euler_a")
 # The prompt-following check runs at the demo model's own guidance (D.GUIDANCE = 3, what the CLI uses for
-# it) and 25 steps, where held-out accuracy measured DDIM 100%, DPM++ 2M 100%, Euler a 98%, PLMS 92%.
-# PLMS (4th-order multistep on eps) is the least stable on this model: the conditional and unconditional
-# predictions of a tiny model of 80 flat scenes differ far more than real SD's, and the multistep
-# extrapolation of the guided eps overshoots (0% at scale 7.5). 92% per image leaves a real chance that one
-# of six images is wrong on another machine's rounding, so its check may fail (it reports XPASS when right).
-PLMS_UNSTABLE = pytest.mark.xfail(reason="PLMS: 92% per image at guidance 3 on the demo model", strict=False)
+# it) and 25 steps, where held-out accuracy per image measured DDIM 94%, DPM++ 2M 94%, Euler a 100% and
+# PLMS 86% (python -m sd_cli.eval_demo; README "The demo model"). One image per prompt would fail a sound
+# model about one run in three at 94%, so each prompt gets SEEDS images (--n_iter: seeds seed, seed+1, ...)
+# and the check asks what the measurement supports: every prompt drawn right at least twice in four, and
+# at least MIN_RIGHT of all images right (20 of 24; at 94% per image 5 or more wrong happens ~1.5% of the
+# time). The errors are not independent: this model's weak spot is white and yellow areas (with seed 1 and 2
+# "a blue triangle on a white background" comes out as a white square on yellow). PLMS (4th-order multistep on the guided eps) is the least stable
+# sampler on this model (14% at 10 steps, 0-44% at scale 7.5): its check may fail and reports XPASS when right.
+SEEDS = 4
+MIN_RIGHT = 0.8
+PLMS_UNSTABLE = pytest.mark.xfail(reason="PLMS: 86% per image at guidance 3 on the demo model", strict=False)
 FOLLOWING = [pytest.param(s, marks=PLMS_UNSTABLE) if s == "plms" else s for s in SAMPLERS]
 # A few training scenes and a few held-out ones (never seen whole in training), one per shape at least.
 PROMPTS = (
@@ -65,20 +70,24 @@ def test_every_sampler_draws_what_the_prompt_says(sampler, tmp_path):
     prompts.write_text("\n".join(PROMPTS) + "\n")
     out = tmp_path / "out"
     argv = ["--ckpt", str(CKPT), "--config", str(CONFIG), "--from-file", str(prompts), "--n_samples", str(len(PROMPTS)),
-            "--n_iter", "1", "--H", "64", "--W", "64", "--sampler", sampler, "--ddim_steps", "25", "--seed", "1",
-            "--scale", str(D.GUIDANCE),
-            "--skip_grid", "--device", "cpu", "-q", "--outdir", str(out)]
+            "--n_iter", str(SEEDS), "--H", "64", "--W", "64", "--sampler", sampler, "--ddim_steps", "25", "--seed", "1",
+            "--scale", str(D.GUIDANCE), "--skip_grid", "--device", "cpu", "-q", "--json", "--outdir", str(out)]
     assert main(argv) == 0
     files = sorted((out / "samples").glob("*.png"))
-    assert len(files) == len(PROMPTS)
+    assert len(files) == len(PROMPTS) * SEEDS
+    right = {p: 0 for p in PROMPTS}
     wrong = []
-    for path, prompt in zip(files, PROMPTS):
+    for path in files:
+        meta = json.loads(Image.open(path).text["sd_cli"])
         img = np.asarray(Image.open(path).convert("RGB"))
         assert img.shape == (64, 64, 3)
         reading = D.classify(img)
-        if not reading.matches(D.parse_prompt(prompt)):
-            wrong.append(f"{prompt!r} -> {reading.color} {reading.shape} on {reading.bg}")
-    assert not wrong, f"{sampler}: {wrong}"
+        if reading.matches(D.parse_prompt(meta["prompt"])):
+            right[meta["prompt"]] += 1
+        else:
+            wrong.append(f"{meta['prompt']!r} seed {meta['seed']} -> {reading.color} {reading.shape} on {reading.bg}")
+    assert set(right) == set(PROMPTS)
+    assert all(n >= 2 for n in right.values()) and sum(right.values()) >= MIN_RIGHT * len(files), f"{sampler}: {wrong}"
 
 
 def test_demo_is_the_default_without_weights(tmp_path):

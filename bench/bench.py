@@ -178,7 +178,10 @@ def _diffusers_copy(ours, prefix, cls, make_config, convert, cfg, device):
     diffusers' own `make_config` and `convert` from `diffusers.loaders.single_file_utils`."""
     import torch
 
-    sd = {f"{prefix}{k}": v.detach().to("cpu", torch.float32) for k, v in ours.state_dict().items()}
+    # .contiguous(): diffusers as its users run it, NCHW. Our channels-last conv weights handed over as they
+    # are would switch diffusers' convs (and its GroupNorms) to NHWC too: torch picks channels-last output
+    # when the weight is channels-last, so the earlier "diffusers" figures were partly NHWC runs.
+    sd = {f"{prefix}{k}": v.detach().to("cpu", torch.float32).contiguous() for k, v in ours.state_dict().items()}
     config = make_config(compvis_config(cfg), sd)
     converted = convert(sd, config)
     del sd

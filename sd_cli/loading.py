@@ -138,7 +138,7 @@ def load_model(
     full: dict[str, torch.Tensor] = {}
     nhwc_prefixes = tuple(
         prefix for prefix, part in (("model.diffusion_model.", "unet"), ("first_stage_model.", "vae"))
-        if (channels_last_default(device, part) if channels_last is None else channels_last)
+        if (channels_last_default(device, part, dtype) if channels_last is None else channels_last)
     )
     for key in list(model.state_dict().keys()):
         if key in derived:
@@ -168,17 +168,18 @@ def load_model(
     return model
 
 
-def channels_last_default(device: torch.device | str, part: str = "unet") -> bool:
-    """Whether the UNet / the VAE run channels-last (NHWC) by default on `device`.
+def channels_last_default(device: torch.device | str, part: str = "unet", dtype: torch.dtype = torch.float32) -> bool:
+    """Whether the UNet / the VAE run channels-last (NHWC) by default on `device` in `dtype`.
 
-    Measured on CPU (2-core AVX512-BF16 Zen 4, 512x512, see README "Speed knobs"): the UNet is 5 % (bf16)
-    to 8 % (fp32) faster channels-last; the VAE is 18 % slower, because its many full-resolution
-    GroupNorms must take torch's NCHW kernel (the channels-last CPU kernel loses precision, see
-    layers.GroupNorm32) and the layout round trips cost more than NHWC convs save. On CUDA both run
-    NHWC (cuDNN's tensor-core convs are NHWC-native); not measured here.
+    Measured on CPU (2-core AVX512-BF16 Zen 4, 512x512, see README "Speed and memory"): the UNet is 5 % (bf16)
+    to 8 % (fp32) faster channels-last. The VAE decode in bf16 is 13 % faster NHWC (6.97 s vs 8.05 s, 2
+    threads), since layers.GroupNorm32 keeps torch's native channels-last kernel for half precision; in
+    fp32 that kernel is not precise enough, its GroupNorms need two layout copies each, and the VAE was
+    18 % slower NHWC, so an fp32 VAE stays NCHW. On CUDA both run NHWC (cuDNN's tensor-core convs are
+    NHWC-native); not measured here.
     """
     device = torch.device(device)
-    return part == "unet" or device.type == "cuda"
+    return part == "unet" or device.type == "cuda" or dtype in (torch.bfloat16, torch.float16)
 
 
 def prepare_for_inference(model: torch.nn.Module, device: torch.device | str, channels_last: bool | None = None):
@@ -192,5 +193,6 @@ def prepare_for_inference(model: torch.nn.Module, device: torch.device | str, ch
     for m in model.modules():
         if isinstance(m, (UNetModel, AutoencoderKL)):
             part = "unet" if isinstance(m, UNetModel) else "vae"
-            use_channels_last(m, channels_last_default(device, part) if channels_last is None else channels_last)
+            dtype = next(m.parameters()).dtype
+            use_channels_last(m, channels_last_default(device, part, dtype) if channels_last is None else channels_last)
     return model

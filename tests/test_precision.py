@@ -188,6 +188,31 @@ def test_groupnorm_native_bf16_matches_fp32_reference():
     assert (out - ref).abs().mean().item() < 0.01
 
 
+@pytest.mark.parametrize("offset", [0.0, 3.0, 50.0])
+def test_groupnorm_channels_last_half_precision(offset, monkeypatch):
+    """Channels-last bf16 input: torch's native NHWC kernel is kept while |mean| / std is small (offset 0
+    and 3: mean/std up to ~1.5), and a group far off zero (offset 50: mean/std 25, where that kernel's
+    E[x^2] - E[x]^2 loses ~0.2) goes through the exact NCHW path; both within bf16 rounding of float64."""
+    from sd_cli import layers
+
+    gn = layers.group_norm(64).to(torch.bfloat16)
+    with torch.no_grad():
+        gn.weight.copy_(1 + 0.1 * torch.randn(64))
+        gn.bias.copy_(0.1 * torch.randn(64))
+    x = (offset + 2 * torch.randn(2, 64, 16, 16)).to(torch.bfloat16)
+    ref = torch.nn.functional.group_norm(x.double(), 32, gn.weight.double(), gn.bias.double(), gn.eps)
+    calls = []
+    real = torch.native_group_norm
+    monkeypatch.setattr(torch, "native_group_norm", lambda *a: calls.append(1) or real(*a))
+    out = gn(x.contiguous(memory_format=torch.channels_last))
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert (out.double() - ref).abs().max().item() < 0.05
+    assert (out.double() - ref).abs().mean().item() < 0.01
+    native_kept = offset < 10  # the path taken: native NHWC kernel only when its statistics allow it
+    assert calls == [1]
+    assert torch.equal(out, real(x.contiguous(memory_format=torch.channels_last), gn.weight, gn.bias, 2, 64, 256, 32, gn.eps)[0]) == native_kept
+
+
 def _images(model, dtype_noise_seed=0, steps=8, size=64):
     from sd_cli.pipeline import Pipeline, initial_noise
 

@@ -270,11 +270,29 @@ def _env(tmp_path_factory) -> dict:
             "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
+def _sigint_default() -> None:
+    """In the child before exec: SIGINT back to its default. A test run started in the background
+    (`cmd &` in a script, nohup) inherits SIGINT ignored, and Python then rightly never turns it into
+    KeyboardInterrupt, so the tool would never see the Ctrl-C these tests send."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture
+def sigint_handled():
+    """This process turns SIGINT into KeyboardInterrupt during the test, even if it was started with SIGINT
+    ignored (see _sigint_default)."""
+    before = signal.getsignal(signal.SIGINT)
+    if before is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 def test_sigint_keeps_finished_images_and_exits_130(micro, tmp_path, tmp_path_factory):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "sd_cli", *micro_argv(micro, out, "--n_iter", "500")]
     proc = subprocess.Popen(cmd, cwd=REPO, env=_env(tmp_path_factory), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_sigint_default)
     try:
         deadline = time.monotonic() + 240
         while not pngs(out / "samples"):
@@ -372,7 +390,7 @@ def test_two_processes_writing_into_one_folder(micro, tmp_path, tmp_path_factory
     assert no_temp_files(out, out / "samples")
 
 
-def test_deferred_interrupt_holds_ctrl_c_until_the_block_ends():
+def test_deferred_interrupt_holds_ctrl_c_until_the_block_ends(sigint_handled):
     before = signal.getsignal(signal.SIGINT)
     steps = []
     with pytest.raises(KeyboardInterrupt):

@@ -264,9 +264,10 @@ def train_unet(args, model, pool, scale_factor: float, workdir: Path, steps: int
         if step % 25 == 0 or step == steps - 1:
             log(f"unet step {step_offset + step + 1}/{step_offset + steps} loss {np.mean(losses[-25:]):.4f} lr {lr:.2e} "
                 f"({time.time() - t0:.0f} s)")
-        if (step + 1) % args.save_every == 0 or step == steps - 1:
+        keep = bool(args.keep_every) and (step_offset + step + 1) % args.keep_every == 0
+        if (step + 1) % args.save_every == 0 or step == steps - 1 or keep:
             save_unet_snapshot(workdir, model, params, ema, step_offset + step + 1, scale_factor, args.model_dict)
-            if args.keep_every and (step_offset + step + 1) % args.keep_every == 0:
+            if keep:
                 shutil.copyfile(workdir / "unet.pt", workdir / f"unet_{step_offset + step + 1}.pt")
         if args.probe_every and ((step + 1) % args.probe_every == 0 or step == steps - 1):
             log(f"probe at step {step_offset + step + 1}: {probe(model, probe_set, tok)}")

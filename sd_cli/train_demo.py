@@ -432,7 +432,9 @@ def main(argv: list[str] | None = None) -> int:
         export(args.workdir, args.out)
         return 0
 
+    from .layers import norm_groups
     from .ldm import LatentDiffusion
+    from .vae import AutoencoderKL
 
     args.model_dict = model_dict(args)
     init = None
@@ -440,6 +442,11 @@ def main(argv: list[str] | None = None) -> int:
         init = torch.load(args.init_from, map_location="cpu", weights_only=True)
         args.model_dict = json.loads(init["model"])
     model = LatentDiffusion(model_config(1.0, args.model_dict))
+    # The VAE's initial weights from their own seed, so they do not depend on the sizes of the parts built
+    # before it (the UNet's and text encoder's random draws come first in LatentDiffusion).
+    with norm_groups(model.cfg.norm_groups):
+        torch.manual_seed(args.seed + 100)
+        model.first_stage_model = AutoencoderKL(model.cfg.vae)
     torch.manual_seed(args.seed)
     with torch.no_grad():
         # zero-init the UNet's output conv (eps starts at 0), as LDM does

@@ -48,7 +48,10 @@ import torch
 pytest.importorskip("diffusers")
 
 # diffusers' schedulers call np.array() on torch tensors; numpy 2 warns about the copy keyword (not ours).
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
+# One torch thread (conftest): the tiny models gain nothing from intra-op threads, and on a busy CI box
+# (other jobs holding cores) OpenMP's spinning workers make each UNet call ~100x slower.
+pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword"),
+              pytest.mark.usefixtures("one_torch_thread")]
 
 from conftest import TINY_YAML, load_config_from_text  # noqa: E402
 from diffusers_ref import build_reference, diffusers_uint8  # noqa: E402
@@ -95,12 +98,6 @@ def assert_uint8_close(ours: np.ndarray, ref: np.ndarray, name: str) -> None:
 
 
 # --- models ---------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread(one_torch_thread):
-    """The tiny models gain nothing from intra-op threads, and on a busy CI box (other jobs holding
-    cores) OpenMP's spinning workers make each UNet call ~100x slower (conftest's one_torch_thread)."""
 
 
 @pytest.fixture(scope="module")

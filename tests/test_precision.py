@@ -213,6 +213,51 @@ def test_groupnorm_channels_last_half_precision(offset, monkeypatch):
     assert torch.equal(out, real(x.contiguous(memory_format=torch.channels_last), gn.weight, gn.bias, 2, 64, 256, 32, gn.eps)[0]) == native_kept
 
 
+@pytest.mark.parametrize("offset", [0.0, 3.0, 50.0, 1e4])
+def test_groupnorm_channels_last_float32_is_as_precise_as_nchw(offset, monkeypatch):
+    """Channels-last float32 input: each group is shifted by a subsample estimate of its mean, then torch's
+    native NHWC kernel runs (no layout copies). Its E[x^2] - E[x]^2 would lose ~1e-2 at mean/std = 25 without
+    the shift; with it the error stays within a few times the NCHW kernel's, at every offset."""
+    from sd_cli import layers
+
+    torch.manual_seed(0)
+    gn = layers.group_norm(64)
+    with torch.no_grad():
+        gn.weight.copy_(1 + 0.1 * torch.randn(64))
+        gn.bias.copy_(0.1 * torch.randn(64))
+    x = offset + 2 * torch.randn(2, 64, 16, 16)
+    x[:, :, :8] += 1.0  # groups not flat in space, so the subsample mean is not exact
+    ref = torch.nn.functional.group_norm(x.double(), 32, gn.weight.double(), gn.bias.double(), gn.eps)
+    nchw_err = (torch.nn.functional.group_norm(x, 32, gn.weight, gn.bias, gn.eps).double() - ref).abs().max().item()
+    calls = []
+    real = torch.native_group_norm
+    monkeypatch.setattr(torch, "native_group_norm", lambda *a: calls.append(a[0].is_contiguous(memory_format=torch.channels_last)) or real(*a))
+    out = gn(x.contiguous(memory_format=torch.channels_last))
+    assert calls == [True]  # the NHWC kernel ran on the shifted channels-last tensor, and was kept:
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    err = (out.double() - ref).abs().max().item()
+    assert err < max(4 * nchw_err, 2e-6), (err, nchw_err)
+    # unshifted, that kernel is far off once the mean dominates (what the shift is for)
+    plain = real(x.contiguous(memory_format=torch.channels_last), gn.weight, gn.bias, 2, 64, 256, 32, gn.eps)[0]
+    if offset >= 50:
+        assert (plain.double() - ref).abs().max().item() > 100 * err
+
+
+def test_groupnorm_channels_last_float32_falls_back_when_the_shift_misses():
+    """A group whose mass sits where the 1/16 subsample never looks (rows 1, 5, 9, 13: a quarter of the
+    pixels, so after the shift |mean| / std = sqrt(1/3) > FP32_NHWC_MAX_RATIO) takes the exact NCHW path."""
+    from sd_cli import layers
+
+    torch.manual_seed(0)
+    gn = layers.group_norm(64)
+    x = 1.0 + 1e-3 * torch.randn(1, 64, 16, 16)
+    x[:, :, 1::4] += 200.0
+    out = gn(x.contiguous(memory_format=torch.channels_last))
+    nchw = torch.nn.functional.group_norm(x, 32, gn.weight, gn.bias, gn.eps)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out, nchw.contiguous(memory_format=torch.channels_last))
+
+
 def _images(model, dtype_noise_seed=0, steps=8, size=64):
     from sd_cli.pipeline import Pipeline, initial_noise
 

@@ -290,7 +290,7 @@ def _ours_unet(case, torch, device, dtype):
     with torch.device("meta"):
         unet = UNetModel(cfg.unet)
     materialize(unet, dtype, device, seed=0)
-    prepare_for_inference(unet, device, channels_last=case["channels_last"])
+    prepare_for_inference(unet, channels_last=case["channels_last"])
     return cfg, unet
 
 
@@ -334,7 +334,7 @@ def case_vae(case: dict) -> dict:
     with torch.device("meta"):
         vae = AutoencoderKL(cfg.vae)
     materialize(vae, dtype, device, seed=1)
-    prepare_for_inference(vae, device, channels_last=case["channels_last"])
+    prepare_for_inference(vae, channels_last=case["channels_last"])
     side = case["res"] // 8
     z = (torch.randn(case["batch"], 4, side, side, generator=torch.Generator().manual_seed(3)) / cfg.scale_factor).to(device)
     method = decode_method(case["vae_tiling"], case["res"], case["res"])
@@ -417,7 +417,7 @@ def case_image(case: dict) -> dict:
 
     t0 = time.perf_counter()
     model = load_model(model_config(), Path(case["ckpt"]), device=device, dtype=dtype)
-    prepare_for_inference(model, device, channels_last=case["channels_last"])
+    prepare_for_inference(model, channels_last=case["channels_last"])
     load_s = time.perf_counter() - t0
     pipe = Pipeline(model, device, on_warning=lambda m: print(f"warning: {m}", file=sys.stderr),
                     vae_tiling=case["vae_tiling"])

@@ -123,7 +123,7 @@ def load_model(
     channels_last: bool | None = None,
 ) -> LatentDiffusion:
     """The model of `cfg` with the weights of checkpoint `path`, in `dtype` on `device`, ready for
-    inference (see `prepare_for_inference`: channels-last layout per `channels_last`, default per device).
+    inference (see `prepare_for_inference`: channels-last layout per `channels_last`, default `CHANNELS_LAST`).
     Peak memory: the converted model plus about one tensor (file pages are released as we go)."""
     device = torch.device(device)
     sd = read_state_dict(path)  # 1.
@@ -136,10 +136,8 @@ def load_model(
     n_pos = cfg.text.max_position_embeddings
     derived[POSITION_IDS] = torch.arange(n_pos, dtype=torch.int64).unsqueeze(0)  # files may lack or corrupt it
     full: dict[str, torch.Tensor] = {}
-    nhwc_prefixes = tuple(
-        prefix for prefix, part in (("model.diffusion_model.", "unet"), ("first_stage_model.", "vae"))
-        if (channels_last_default(device, part, dtype) if channels_last is None else channels_last)
-    )
+    nhwc = CHANNELS_LAST if channels_last is None else channels_last
+    nhwc_prefixes = ("model.diffusion_model.", "first_stage_model.") if nhwc else ()
     for key in list(model.state_dict().keys()):
         if key in derived:
             full[key] = derived[key].to(device)
@@ -163,35 +161,30 @@ def load_model(
         del t
     model.load_state_dict(full, strict=True, assign=True)
     model.eval().requires_grad_(False)
-    prepare_for_inference(model, device, channels_last)
+    prepare_for_inference(model, nhwc)
     log.debug("loaded %s: %d tensors as %s on %s", path, len(full), dtype, device)
     return model
 
 
-def channels_last_default(device: torch.device | str, part: str = "unet", dtype: torch.dtype = torch.float32) -> bool:
-    """Whether the UNet / the VAE run channels-last (NHWC) by default on `device` in `dtype`: both, always.
-
-    Measured on CPU (2-core AVX512-BF16 Zen 4, 512x512, see README "Speed and memory"): the UNet is 5 % (bf16)
-    to 8 % (fp32) faster channels-last; the VAE decode 13 % in bf16 (6.97 s vs 8.05 s, 2 threads) and 7 % in
-    fp32 (14.7 s vs 15.9 s, same process, interleaved). The VAE gains only because layers.GroupNorm32 keeps
-    torch's native channels-last kernel (with a per-group shift in fp32); with two layout copies around
-    every GroupNorm the fp32 VAE was 18 % slower NHWC. On CUDA both run NHWC (cuDNN's tensor-core convs are
-    NHWC-native); not measured here. The arguments stay so that a measured exception has its place.
-    """
-    return True
+# The UNet and the VAE run channels-last (NHWC) unless `channels_last=False` says otherwise. Measured on CPU
+# (2-core AVX512-BF16 Zen 4, 512x512, see README "Speed and memory"): the UNet is 5 % (bf16) to 8 % (fp32)
+# faster channels-last; the VAE decode 13 % in bf16 (6.97 s vs 8.05 s, 2 threads) and 7 % in fp32 (14.7 s
+# vs 15.9 s, same process, interleaved). The VAE gains only because layers.GroupNorm32 keeps torch's native
+# channels-last kernel (with a per-group shift in fp32); with two layout copies around every GroupNorm the
+# fp32 VAE was 18 % slower NHWC. On CUDA both run NHWC (cuDNN's tensor-core convs are NHWC-native); not
+# measured here.
+CHANNELS_LAST = True
 
 
-def prepare_for_inference(model: torch.nn.Module, device: torch.device | str, channels_last: bool | None = None):
+def prepare_for_inference(model: torch.nn.Module, channels_last: bool | None = None):
     """Runtime layout on a loaded model (or a bare UNet/VAE): channels-last activations per
-    `channels_last` (True/False for both parts; None: `channels_last_default` per part). Values are
-    unchanged up to float rounding (different conv kernels)."""
+    `channels_last` (True/False for both parts; None: `CHANNELS_LAST`). Values are unchanged up to float
+    rounding (different conv kernels)."""
     from .layers import use_channels_last
     from .unet import UNetModel
     from .vae import AutoencoderKL
 
     for m in model.modules():
         if isinstance(m, (UNetModel, AutoencoderKL)):
-            part = "unet" if isinstance(m, UNetModel) else "vae"
-            dtype = next(m.parameters()).dtype
-            use_channels_last(m, channels_last_default(device, part, dtype) if channels_last is None else channels_last)
+            use_channels_last(m, CHANNELS_LAST if channels_last is None else channels_last)
     return model

@@ -131,10 +131,11 @@ def test_explicit_missing_ckpt_is_still_an_error(tmp_path):
 
 def test_training_tool_is_deterministic_and_exports_a_loadable_model(tmp_path):
     """python -m sd_cli.train_demo, shrunk to a few steps: two runs with one seed write bit-identical
-    weights (the safetensors header's metadata order may differ between processes), the export loads through the CLI's own loader (strict SD v1 key names), and --keep-every keeps
-    the snapshots it names."""
+    weights (the safetensors header's metadata order may differ between processes), the export loads
+    through the CLI's own loader (strict SD v1 key names), and --keep-every keeps the snapshots it names."""
     import torch
     from safetensors import safe_open
+    from safetensors.torch import load_file
 
     from sd_cli import train_demo
     from sd_cli.config import load_config
@@ -150,8 +151,6 @@ def test_training_tool_is_deterministic_and_exports_a_loadable_model(tmp_path):
 
     work_a, out_a = run("a")
     _, out_b = run("b")
-    from safetensors.torch import load_file
-
     a, b = load_file(str(out_a / "demo.safetensors")), load_file(str(out_b / "demo.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert sorted(p.name for p in work_a.glob("unet_*.pt")) == ["unet_2.pt", "unet_4.pt", "unet_phase1.pt"]

@@ -241,6 +241,20 @@ def diffusers_modes(dtype_name: str, device, extra_bf16_weights: bool) -> list[s
     return ["fp16-weights"] if device.type == "cuda" else ["fp16-autocast"]
 
 
+def with_fused_attention(fn):
+    """`fn` with torch's fused SDPA kernel for every attention (never `layers.attention_in_rows`)."""
+    from sd_cli import layers
+
+    def run():
+        saved, layers.ROWS_MIN_SCORES = layers.ROWS_MIN_SCORES, None
+        try:
+            return fn()
+        finally:
+            layers.ROWS_MIN_SCORES = saved
+
+    return run
+
+
 def interleaved(runners: dict, device, repeats: int) -> dict[str, list[float]]:
     """Warm each runner once, then time them in turns: `repeats` rounds of ours, theirs, ..."""
     for fn in runners.values():
@@ -263,6 +277,10 @@ def setup(case: dict):
     from sd_cli.precision import DTYPES, set_threads
 
     set_threads(case["threads"])
+    if case.get("attention") == "fused":
+        from sd_cli import layers
+
+        layers.ROWS_MIN_SCORES = None  # torch's fused SDPA kernel everywhere
     device = torch.device(case["device"])
     return torch, device, DTYPES[case["dtype"]]
 
@@ -312,6 +330,8 @@ def case_unet(case: dict) -> dict:
         runners = {"ours": lambda: ours(x, t, ctx)}
         first = interleaved(runners, device, 1)["ours"]  # ours alone first: its own peak RSS
         out["peak_rss_gib"] = peak_rss_gib()
+        if case.get("attention") == "both":
+            runners["sd_cli, fused attention"] = with_fused_attention(runners["ours"])
         if case["diffusers"]:
             ref = diffusers_unet(unet, cfg, device)
             for mode in diffusers_modes(case["dtype"], device, case["diffusers_bf16_weights"]):
@@ -320,7 +340,7 @@ def case_unet(case: dict) -> dict:
         times = interleaved(runners, device, case["repeats"])
         times["ours"] = first + times["ours"]
     out["ours_s"] = times.pop("ours")
-    out["diffusers"] = times
+    out["diffusers"] = times  # every other runner: diffusers per mode (and our fused-attention variant)
     return out
 
 
@@ -347,6 +367,8 @@ def case_vae(case: dict) -> dict:
         out["peak_rss_gib"] = peak_rss_gib()
         if device.type == "cuda":
             out["peak_cuda_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        if case.get("attention") == "both":
+            runners["sd_cli, fused attention"] = with_fused_attention(runners["ours"])
         if case["diffusers"]:
             ref = diffusers_vae(vae, cfg, device)
             for mode in diffusers_modes(case["dtype"], device, case["diffusers_bf16_weights"]):
@@ -356,7 +378,7 @@ def case_vae(case: dict) -> dict:
         times = interleaved(runners, device, case["repeats"])
         times["ours"] = first + times["ours"]
     out["ours_s"] = times.pop("ours")
-    out["diffusers"] = times
+    out["diffusers"] = times  # every other runner: diffusers per mode (and our fused-attention variant)
     return out
 
 
@@ -528,7 +550,7 @@ def fmt_s(v) -> str:
 def table(results: list[dict]) -> str:
     """Markdown table: one row per case (and per diffusers mode)."""
     lines = [
-        "| piece | res | batch | dtype | ours | diffusers (mode) | ours / diffusers | peak RSS | notes |",
+        "| piece | res | batch | dtype | ours | compared with: diffusers (mode) or variant | ours / that | peak RSS | notes |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -554,6 +576,8 @@ def table(results: list[dict]) -> str:
             notes.append("NHWC" if r["channels_last"] else "NCHW")
         if r.get("threads") is not None:
             notes.append(f"{r['threads']} threads")
+        if r.get("attention") == "fused":
+            notes.append("fused attention only")
         rss = f"{r['peak_rss_gib']:.2f} GiB" if r.get("peak_rss_gib") is not None else "-"
         diff = r.get("diffusers") or {}
         if not diff:
@@ -606,6 +630,9 @@ def main(argv=None) -> int:
                    help="activation layout; auto = what the CLI does on this device (default: %(default)s)")
     p.add_argument("--vae-tiling", choices=("auto", "on", "tiles", "off"), default="auto",
                    help="vae piece: decode as the CLI would (auto), in exact bands (on), in tiles, or whole")
+    p.add_argument("--attention", choices=("auto", "fused", "both"), default="auto",
+                   help="auto: as the CLI (bf16 on a CPU without AMX: layers.attention_in_rows for large "
+                        "attentions); fused: torch's fused SDPA kernel only; both: time ours both ways, interleaved")
     p.add_argument("--compile", action="store_true", help="torch.compile our UNet (unet piece; reports compile time)")
     p.add_argument("--no-diffusers", action="store_true", help="skip the diffusers comparison")
     p.add_argument("--diffusers-bf16-weights", action="store_true", help="also time diffusers with bf16 weights")
@@ -676,7 +703,7 @@ def main(argv=None) -> int:
                     case = {
                         "piece": piece, "res": res, "dtype": dtype, "batch": batch, "device": args.device,
                         "threads": threads, "repeats": args.repeats, "channels_last": cl,
-                        "vae_tiling": args.vae_tiling, "compile": args.compile,
+                        "vae_tiling": args.vae_tiling, "compile": args.compile, "attention": args.attention,
                         "diffusers": with_diffusers and piece in ("unet", "vae"),
                         "diffusers_bf16_weights": args.diffusers_bf16_weights,
                         "sampler": args.sampler or DEFAULT_SAMPLER, "steps": args.steps or DEFAULT_STEPS,

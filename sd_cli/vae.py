@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import group_norm, memory_format_of
+from .layers import group_norm, memory_format_of, sdpa
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ class AttnBlock(nn.Module):
         def tokens(conv: nn.Conv2d) -> torch.Tensor:
             return conv(hn).permute(0, 2, 3, 1).reshape(b, 1, h * w, c).contiguous()  # (B, 1, h*w, C); free in NHWC
 
-        out = F.scaled_dot_product_attention(tokens(self.q), tokens(self.k), tokens(self.v))  # (B, 1, h*w, C)
+        out = sdpa(tokens(self.q), tokens(self.k), tokens(self.v))  # (B, 1, h*w, C)
         out = out.reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous(memory_format=memory_format_of(x))
         return x + self.proj_out(out)
 

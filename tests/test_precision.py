@@ -268,9 +268,15 @@ def _images(model, dtype_noise_seed=0, steps=8, size=64):
                          generator=gen).astype(np.int16)
 
 
-def test_bf16_image_stays_close_to_fp32(tiny_models):
+@pytest.mark.parametrize("attention", ["fused", "rows"])
+def test_bf16_image_stays_close_to_fp32(tiny_models, attention, monkeypatch):
     """Same seed, same weights (bf16-rounded), DPM++ 2M 8 steps, guidance 7.5 (which amplifies eps
-    differences 7.5x): measured mean |diff| 0.66 and max 6 of 255 on the tiny random model; bounds ~2.5x."""
+    differences 7.5x): measured mean |diff| 0.66 and max 6 of 255 on the tiny random model; bounds ~2.5x.
+    "rows": every bf16 attention through `layers.attention_in_rows` (as on a CPU without AMX at 256+ px)."""
+    from sd_cli import layers
+
+    monkeypatch.setattr(layers, "ROWS_MIN_SCORES", 1 if attention == "rows" else None)
+    monkeypatch.setattr(layers, "_cpu_has_amx_bf16", lambda: False)
     a = _images(tiny_models[torch.float32])
     b = _images(tiny_models[torch.bfloat16])
     d = np.abs(a - b)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import itertools
 import math
 import os
 import platform
@@ -271,12 +272,27 @@ def interleaved(runners: dict, device, repeats: int) -> dict[str, list[float]]:
 # The cases (each runs in a child process).
 
 
+def heap_keeps_freed_memory() -> None:
+    """glibc only: no mmap for large blocks (M_MMAP_MAX 0) and no trimming (M_TRIM_THRESHOLD at its largest),
+    so a freed activation's pages are reused by the next op instead of being unmapped and faulted in anew.
+    Measured, not adopted by the CLI (README, "Speed and memory")."""
+    import ctypes
+
+    libc = ctypes.CDLL(None)
+    if not hasattr(libc, "gnu_get_libc_version"):
+        raise SystemExit("bench: --malloc heap needs glibc")
+    libc.mallopt(-4, 0)  # M_MMAP_MAX
+    libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD
+
+
 def setup(case: dict):
     import torch
 
     from sd_cli.precision import DTYPES, set_threads
 
     set_threads(case["threads"])
+    if case.get("malloc") == "heap":
+        heap_keeps_freed_memory()
     if case.get("attention") == "fused":
         from sd_cli import layers
 
@@ -454,7 +470,8 @@ def case_image(case: dict) -> dict:
     total = time.perf_counter() - t1
     steps = [b - a for a, b in zip(marks, marks[1:])]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    npy = RESULTS / f"image-{case['res']}-{case['dtype']}-{case['sampler']}{case['steps']}-b{case['batch']}-seed{case['seed']}.npy"
+    suffix = "-mallocheap" if case.get("malloc") == "heap" else ""
+    npy = RESULTS / f"image-{case['res']}-{case['dtype']}-{case['sampler']}{case['steps']}-b{case['batch']}-seed{case['seed']}{suffix}.npy"
     np.save(npy, images)
     return {
         "ours_s": [total],
@@ -483,15 +500,21 @@ def machine() -> dict:
 
     feats = cpu_features()
     name = platform.processor() or "?"
+    ident = {}  # "cpu family", "model": tells apart CPUs that share a marketing name ("AMD EPYC")
     try:
         for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
+            key, _, value = (part.strip() for part in line.partition(":"))
+            if key == "model name":
+                name = value
+            elif key in ("cpu family", "model") and key not in ident:
+                ident[key] = value
+            elif not line.strip():
                 break
     except OSError:
         pass
     info = {
         "cpu": name,
+        "cpu_family_model": f"{ident.get('cpu family', '?')}/{ident.get('model', '?')}",
         "logical_cpus": os.cpu_count(),
         "physical_cores": feats.physical_cores,
         "avx512_bf16": feats.avx512_bf16,
@@ -578,6 +601,8 @@ def table(results: list[dict]) -> str:
             notes.append(f"{r['threads']} threads")
         if r.get("attention") == "fused":
             notes.append("fused attention only")
+        if r.get("malloc") == "heap":
+            notes.append("malloc: heap kept")
         rss = f"{r['peak_rss_gib']:.2f} GiB" if r.get("peak_rss_gib") is not None else "-"
         diff = r.get("diffusers") or {}
         if not diff:
@@ -605,6 +630,11 @@ def image_diffs(results: list[dict]) -> list[dict]:
             d = np.abs(a - b)
             out.append({"fp32": f.name, "other": g.name, "mean_abs": float(d.mean()), "max_abs": int(d.max()),
                         "frac_over_8": float((d > 8).mean())})
+    for f in sorted(RESULTS.glob("image-*-mallocheap.npy")):  # the allocator must not change a pixel
+        g = Path(str(f).replace("-mallocheap", ""))
+        if g.exists():
+            d = np.abs(np.load(f).astype(np.int16) - np.load(g).astype(np.int16))
+            out.append({"malloc_heap": f.name, "malloc_default": g.name, "mean_abs": float(d.mean()), "max_abs": int(d.max())})
     return out
 
 
@@ -633,6 +663,10 @@ def main(argv=None) -> int:
     p.add_argument("--attention", choices=("auto", "fused", "both"), default="auto",
                    help="auto: as the CLI (bf16 on a CPU without AMX: layers.attention_in_rows for large "
                         "attentions); fused: torch's fused SDPA kernel only; both: time ours both ways, interleaved")
+    p.add_argument("--malloc", choices=("default", "heap", "both"), default="default",
+                   help="default: glibc as it comes (as the CLI runs); heap: large blocks from the heap and "
+                        "freed memory kept there (glibc mallopt; diffusers in the same process gets it too); "
+                        "both: each case twice, one child process each")
     p.add_argument("--compile", action="store_true", help="torch.compile our UNet (unet piece; reports compile time)")
     p.add_argument("--no-diffusers", action="store_true", help="skip the diffusers comparison")
     p.add_argument("--diffusers-bf16-weights", action="store_true", help="also time diffusers with bf16 weights")
@@ -665,7 +699,7 @@ def main(argv=None) -> int:
         print(f"machine: {json.dumps(machines[0])}; figures: {args.stat} of each runner's timed calls\n")
         print(table(results))
         for d in image_diffs(results):
-            print(f"\nbf16/fp16 vs fp32 pixels: {d}")
+            print(f"\npixels compared: {d}")
         return 0
 
     from sd_cli.cli import DEFAULT_SAMPLER, DEFAULT_STEPS
@@ -677,6 +711,7 @@ def main(argv=None) -> int:
     resolutions = parse_list(args.res, kind=int)
     dtypes = parse_list(args.dtype, DTYPE_NAMES)
     batches = parse_list(args.batch, kind=int)
+    mallocs = ["default", "heap"] if args.malloc == "both" else [args.malloc]
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench: --device cuda but torch sees no CUDA device")
@@ -699,7 +734,7 @@ def main(argv=None) -> int:
     for piece in pieces:
         for res in ([None] if piece in ("text", "load") else resolutions):
             for dtype in dtypes:
-                for batch in ([1] if piece in ("text", "load") else batches):
+                for batch, malloc in itertools.product([1] if piece in ("text", "load") else batches, mallocs):
                     case = {
                         "piece": piece, "res": res, "dtype": dtype, "batch": batch, "device": args.device,
                         "threads": threads, "repeats": args.repeats, "channels_last": cl,
@@ -707,7 +742,7 @@ def main(argv=None) -> int:
                         "diffusers": with_diffusers and piece in ("unet", "vae"),
                         "diffusers_bf16_weights": args.diffusers_bf16_weights,
                         "sampler": args.sampler or DEFAULT_SAMPLER, "steps": args.steps or DEFAULT_STEPS,
-                        "seed": args.seed, "ckpt": ckpt,
+                        "seed": args.seed, "ckpt": ckpt, "malloc": malloc,
                     }
                     r = run_child(case, args.timeout)
                     results.append(r)
@@ -717,11 +752,14 @@ def main(argv=None) -> int:
     out = Path(args.out) if args.out else RESULTS / f"bench-{_dt.datetime.now():%Y%m%d-%H%M%S}.json"
     diffs = image_diffs(results) if "image" in pieces else []
     out.write_text(json.dumps({"machine": info, "results": results, "image_diffs": diffs}, indent=1))
-    print(f"machine: {info['cpu']}, {info['physical_cores']} cores, avx512_bf16={info['avx512_bf16']}, "
+    print(f"machine: {info['cpu']} (family/model {info['cpu_family_model']}), {info['physical_cores']} cores, avx512_bf16={info['avx512_bf16']}, "
           f"amx_bf16={info['amx_bf16']}, torch {info['torch']}, diffusers {info['diffusers']}, {threads} threads; "
           f"figures: {args.stat} of each runner's timed calls\n")
     print(table(results))
     for d in diffs:
+        if "malloc_heap" in d:
+            print(f"\n{d['malloc_heap']} vs {d['malloc_default']}: max |diff| {d['max_abs']} (the allocator must not change a pixel)")
+            continue
         print(f"\n{d['other']} vs {d['fp32']}: mean |diff| {d['mean_abs']:.3f}, max {d['max_abs']} "
               f"(of 255), {d['frac_over_8']:.2%} of values differ by more than 8")
     print(f"\nwrote {out}", file=sys.stderr)

@@ -14,6 +14,41 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def inplace_ok() -> bool:
+    """Whether an op may overwrite a tensor that nothing else holds (a layer's fresh output).
+
+    Without autograd recording (inference) it always may, and that saves one full-size allocation per
+    op: on the CPU every large allocation is fresh pages from the kernel, and faulting them in cost more
+    than the op itself (silu(GroupNorm(x)) on (1, 128, 512, 512) fp32 channels-last: 117 ms out of place,
+    82 ms in place). While autograd records (training), never: backward may need the old values.
+    """
+    return not torch.is_grad_enabled()
+
+
+def silu_fresh(x: torch.Tensor) -> torch.Tensor:
+    """silu(x) for an `x` nothing else holds (a norm's output): in place where `inplace_ok`."""
+    return F.silu(x, inplace=inplace_ok())
+
+
+def add_fresh(fresh: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """fresh + other, written into `fresh` (a layer's output nothing else holds) where `inplace_ok`.
+    The same numbers either way; `fresh` must already have the result's shape and dtype."""
+    return fresh.add_(other) if inplace_ok() else fresh + other
+
+
+def mul_fresh(fresh: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """fresh * other, written into `fresh` where `inplace_ok` (as `add_fresh`)."""
+    return fresh.mul_(other) if inplace_ok() else fresh * other
+
+
+class FreshSiLU(nn.Module):
+    """nn.SiLU for the place right after a norm (`silu_fresh`); no parameters, so checkpoint keys keep
+    their indices (`in_layers.2` is still the conv)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return silu_fresh(x)
+
+
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm with its statistics accumulated in float32 whatever the input dtype (as LDM's).
 

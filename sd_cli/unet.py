@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import attention, group_norm
+from .layers import FreshSiLU, add_fresh, attention, group_norm, mul_fresh
 
 
 @dataclass(frozen=True)
@@ -54,18 +54,18 @@ class ResBlock(nn.Module):
 
     def __init__(self, channels: int, emb_channels: int, out_channels: int):
         super().__init__()
-        self.in_layers = nn.Sequential(group_norm(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.in_layers = nn.Sequential(group_norm(channels), FreshSiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
         self.out_layers = nn.Sequential(
-            group_norm(out_channels), nn.SiLU(), nn.Dropout(0.0), nn.Conv2d(out_channels, out_channels, 3, padding=1)
+            group_norm(out_channels), FreshSiLU(), nn.Dropout(0.0), nn.Conv2d(out_channels, out_channels, 3, padding=1)
         )
         self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.in_layers(x)  # (B, out, h, w)
-        h = h + self.emb_layers(emb).to(h.dtype)[:, :, None, None]
+        h = add_fresh(h, self.emb_layers(emb).to(h.dtype)[:, :, None, None])
         h = self.out_layers(h)
-        return self.skip_connection(x) + h
+        return add_fresh(h, self.skip_connection(x))
 
 
 class CrossAttention(nn.Module):
@@ -96,7 +96,7 @@ class GEGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         value, gate = self.proj(x).chunk(2, dim=-1)
-        return value * F.gelu(gate)
+        return mul_fresh(F.gelu(gate), value)
 
 
 class FeedForward(nn.Module):
@@ -121,9 +121,9 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = self.attn1(self.norm1(x)) + x
-        x = self.attn2(self.norm2(x), context) + x
-        return self.ff(self.norm3(x)) + x
+        x = add_fresh(self.attn1(self.norm1(x)), x)
+        x = add_fresh(self.attn2(self.norm2(x), context), x)
+        return add_fresh(self.ff(self.norm3(x)), x)
 
 
 class SpatialTransformer(nn.Module):
@@ -148,7 +148,7 @@ class SpatialTransformer(nn.Module):
         for block in self.transformer_blocks:
             x = block(x, context)
         x = x.reshape(b, h, w, inner).permute(0, 3, 1, 2)  # (B, inner, h, w)
-        return self.proj_out(x) + x_in
+        return add_fresh(self.proj_out(x), x_in)
 
 
 class Downsample(nn.Module):
@@ -241,7 +241,7 @@ class UNetModel(nn.Module):
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
-        self.out = nn.Sequential(group_norm(ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
+        self.out = nn.Sequential(group_norm(ch), FreshSiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """x (B, 4, h, w) noisy latents, t (B,) timesteps (float allowed), context (B, 77, 768) -> eps (B, 4, h, w)."""

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import group_norm, memory_format_of, sdpa
+from .layers import add_fresh, group_norm, memory_format_of, sdpa, silu_fresh
 
 
 @dataclass(frozen=True)
@@ -46,11 +46,11 @@ class ResnetBlock(nn.Module):
             self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = self.conv1(silu_fresh(self.norm1(x)))
+        h = self.conv2(silu_fresh(self.norm2(h)))
         if hasattr(self, "nin_shortcut"):
             x = self.nin_shortcut(x)
-        return x + h
+        return add_fresh(h, x)
 
 
 class AttnBlock(nn.Module):
@@ -75,7 +75,7 @@ class AttnBlock(nn.Module):
 
         out = sdpa(tokens(self.q), tokens(self.k), tokens(self.v))  # (B, 1, h*w, C)
         out = out.reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous(memory_format=memory_format_of(x))
-        return x + self.proj_out(out)
+        return add_fresh(self.proj_out(out), x)
 
 
 class Downsample(nn.Module):
@@ -153,7 +153,7 @@ class Encoder(nn.Module):
             if hasattr(lvl, "downsample"):
                 h = lvl.downsample(h)
         h = self.mid(h)
-        return self.conv_out(F.silu(self.norm_out(h)))  # (B, 2*z, H/8, W/8)
+        return self.conv_out(silu_fresh(self.norm_out(h)))  # (B, 2*z, H/8, W/8)
 
 
 class Decoder(nn.Module):
@@ -188,7 +188,7 @@ class Decoder(nn.Module):
             h = lvl.run(h)
             if hasattr(lvl, "upsample"):
                 h = lvl.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))  # (B, 3, 8h, 8w)
+        return self.conv_out(silu_fresh(self.norm_out(h)))  # (B, 3, 8h, 8w)
 
 
 class AutoencoderKL(nn.Module):

@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import itertools
+import json
 import math
 import os
 import platform

@@ -235,7 +235,10 @@ class Dist:
         """Send `share` (with this rank's error, if any) to rank 0: every rank's share there, None elsewhere."""
         if self.failure is not None:
             share.error = describe(self.failure)
-        return self.gather(share)
+        shares = self.gather(share)
+        global _LEAVE_TOGETHER
+        _LEAVE_TOGETHER = True  # every rank got through the last collective: `close` may wait for all
+        return shares
 
     def raise_failure(self, shares: list[Share] | None) -> None:
         """After `finish`: a failed rank raises its own error; rank 0 raises `PeerFailed` for the first
@@ -281,11 +284,28 @@ def grid_pixels(shares: list[Share], slots: list[Slot], read_pixels: Callable[[P
             for j, slot in enumerate(slots) for i, path in enumerate(slot.done)]
 
 
+# Set by `Dist.finish` once the final gather went through on this rank.
+_LEAVE_TOGETHER = False
+
+
 def close() -> None:
-    """Leave the process group, if this process joined one (a no-op when torch was never imported)."""
+    """Leave the process group, if this process joined one (a no-op when torch was never imported).
+
+    After a completed job the ranks first meet in a barrier, so that none tears down gloo while another
+    is still finishing: without it, in the failed-rank-then-resume flow (rank 0 had nothing left to make,
+    rank 1 all of its share), rank 1 aborted at exit ("terminate called without an active exception",
+    exit -6) in 2 of 25 runs; with it in 0 of 30. A job that did not get that far (a lost peer, Ctrl-C
+    before the gather) skips the barrier: the other ranks may be in another collective, and waiting for
+    them there would hang instead of failing.
+    """
     if "torch.distributed" not in sys.modules:
         return
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        if _LEAVE_TOGETHER:
+            try:
+                dist.barrier()
+            except RuntimeError:  # a peer already gone: leave anyway, the job's result is already out
+                pass
         dist.destroy_process_group()

@@ -247,7 +247,7 @@ def test_failed_rank_then_resume_ends_as_one_process_resume(job, env, tmp_path):
     (rc0, out0, err0), (rc1, out1, err1) = launch([["-m", "sd_cli", *argv(out)],
                                                    ["-c", FAIL_ON_RANK_1, *argv(out)]], env)
     # Each failed process says so in one line; rank 0 names the failed rank and lists what was written.
-    assert (rc0, rc1) == (1, 1), err0 + err1  # (seen failing once in a full run, not reproduced: keep the output)
+    assert (rc0, rc1) == (1, 1), err0 + err1
     assert err1.splitlines() == ["sd-txt2img: error: [rank 1] unexpected RuntimeError: boom "
                                  "(run again with --debug for the traceback)"] and out1 == ""
     assert err0.splitlines() == ["sd-txt2img: error: rank 1 failed: unexpected RuntimeError: boom (5 image(s) "

@@ -616,24 +616,29 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def image_diffs(results: list[dict]) -> list[dict]:
-    """bf16 (and fp16) vs fp32 images of the same res/sampler/steps/seed, from this run or saved ones."""
+def _pixel_diff(f: Path, g: Path):
+    """|f - g| of two saved uint8 images, as int16."""
     import numpy as np
 
+    return np.abs(np.load(f).astype(np.int16) - np.load(g).astype(np.int16))
+
+
+def image_diffs(results: list[dict]) -> list[dict]:
+    """bf16 (and fp16) vs fp32 images of the same res/sampler/steps/seed, from this run or saved ones; and
+    each image made with `--malloc heap` against the same one made with glibc as it comes."""
     out = []
     for f in sorted(RESULTS.glob("image-*-fp32-*.npy")):
         for other in ("bf16", "fp16"):
             g = Path(str(f).replace("-fp32-", f"-{other}-"))
             if not g.exists():
                 continue
-            a, b = np.load(f).astype(np.int16), np.load(g).astype(np.int16)
-            d = np.abs(a - b)
+            d = _pixel_diff(f, g)
             out.append({"fp32": f.name, "other": g.name, "mean_abs": float(d.mean()), "max_abs": int(d.max()),
                         "frac_over_8": float((d > 8).mean())})
     for f in sorted(RESULTS.glob("image-*-mallocheap.npy")):  # the allocator must not change a pixel
         g = Path(str(f).replace("-mallocheap", ""))
         if g.exists():
-            d = np.abs(np.load(f).astype(np.int16) - np.load(g).astype(np.int16))
+            d = _pixel_diff(f, g)
             out.append({"malloc_heap": f.name, "malloc_default": g.name, "mean_abs": float(d.mean()), "max_abs": int(d.max())})
     return out
 

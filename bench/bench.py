@@ -113,7 +113,7 @@ def materialize(module, dtype, device, seed: int = 0):
 
 
 def model_config():
-    from sd_cli.config import load_config
+    from sd_cli.weights.config import load_config
 
     return load_config(REPO / "configs/stable-diffusion/v1-inference.yaml").model
 
@@ -244,7 +244,7 @@ def diffusers_modes(dtype_name: str, device, extra_bf16_weights: bool) -> list[s
 
 def with_fused_attention(fn):
     """`fn` with torch's fused SDPA kernel for every attention (never `layers.attention_in_rows`)."""
-    from sd_cli import layers
+    from sd_cli.model import layers
 
     def run():
         saved, layers.ROWS_MIN_SCORES = layers.ROWS_MIN_SCORES, None
@@ -288,13 +288,13 @@ def heap_keeps_freed_memory() -> None:
 def setup(case: dict):
     import torch
 
-    from sd_cli.precision import DTYPES, set_threads
+    from sd_cli.weights.precision import DTYPES, set_threads
 
     set_threads(case["threads"])
     if case.get("malloc") == "heap":
         heap_keeps_freed_memory()
     if case.get("attention") == "fused":
-        from sd_cli import layers
+        from sd_cli.model import layers
 
         layers.ROWS_MIN_SCORES = None  # torch's fused SDPA kernel everywhere
     device = torch.device(case["device"])
@@ -303,8 +303,8 @@ def setup(case: dict):
 
 def case_text(case: dict) -> dict:
     torch, device, dtype = setup(case)
-    from sd_cli.text_encoder import FrozenCLIPEmbedder
-    from sd_cli.tokenizer import get_tokenizer
+    from sd_cli.model.text_encoder import FrozenCLIPEmbedder
+    from sd_cli.model.tokenizer import get_tokenizer
 
     cfg = model_config()
     with torch.device("meta"):
@@ -317,8 +317,8 @@ def case_text(case: dict) -> dict:
 
 
 def _ours_unet(case, torch, device, dtype):
-    from sd_cli.loading import prepare_for_inference
-    from sd_cli.unet import UNetModel
+    from sd_cli.weights.loading import prepare_for_inference
+    from sd_cli.model.unet import UNetModel
 
     cfg = model_config()
     with torch.device("meta"):
@@ -362,9 +362,9 @@ def case_unet(case: dict) -> dict:
 
 def case_vae(case: dict) -> dict:
     torch, device, dtype = setup(case)
-    from sd_cli.loading import prepare_for_inference
-    from sd_cli.vae import AutoencoderKL
-    from sd_cli.vae_tiling import decode_banded, decode_method, decode_tiled
+    from sd_cli.weights.loading import prepare_for_inference
+    from sd_cli.model.vae import AutoencoderKL
+    from sd_cli.pipeline.vae_tiling import decode_banded, decode_method, decode_tiled
 
     cfg = model_config()
     with torch.device("meta"):
@@ -406,7 +406,7 @@ def random_checkpoint(path: Path, seed: int = 0) -> Path:
     time (safetensors layout: u64 header size, JSON header, raw little-endian data)."""
     import torch
 
-    from sd_cli.loading import build_meta_model
+    from sd_cli.weights.loading import build_meta_model
 
     if path.exists():
         return path
@@ -435,7 +435,7 @@ def random_checkpoint(path: Path, seed: int = 0) -> Path:
 
 def case_load(case: dict) -> dict:
     torch, device, dtype = setup(case)
-    from sd_cli.loading import load_model
+    from sd_cli.weights.loading import load_model
 
     path = Path(case["ckpt"])
     t0 = time.perf_counter()
@@ -450,8 +450,8 @@ def case_image(case: dict) -> dict:
     torch, device, dtype = setup(case)
     import numpy as np
 
-    from sd_cli.loading import load_model, prepare_for_inference
-    from sd_cli.pipeline import Pipeline, initial_noise
+    from sd_cli.weights.loading import load_model, prepare_for_inference
+    from sd_cli.pipeline.generate import Pipeline, initial_noise
 
     t0 = time.perf_counter()
     model = load_model(model_config(), Path(case["ckpt"]), device=device, dtype=dtype)
@@ -496,7 +496,7 @@ CASES = {"text": case_text, "unet": case_unet, "vae": case_vae, "load": case_loa
 def machine() -> dict:
     import torch
 
-    from sd_cli.precision import cpu_features, default_threads
+    from sd_cli.weights.precision import cpu_features, default_threads
 
     feats = cpu_features()
     name = platform.processor() or "?"
@@ -708,7 +708,7 @@ def main(argv=None) -> int:
         return 0
 
     from sd_cli.cli import DEFAULT_SAMPLER, DEFAULT_STEPS
-    from sd_cli.precision import default_threads
+    from sd_cli.weights.precision import default_threads
 
     import torch
 

@@ -63,8 +63,8 @@ def make_tiny_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
 @functools.lru_cache(maxsize=2)
 def _tiny_state_dict(seed: int) -> dict[str, torch.Tensor]:
     """Norms get non-trivial affine params so they are tested too."""
-    from sd_cli.config import load_config
-    from sd_cli.ldm import LatentDiffusion
+    from sd_cli.weights.config import load_config
+    from sd_cli.model.ldm import LatentDiffusion
 
     cfg = load_config_from_text(TINY_YAML)
     torch.manual_seed(seed)
@@ -84,7 +84,7 @@ def _tiny_state_dict(seed: int) -> dict[str, torch.Tensor]:
 def load_config_from_text(text: str):
     import tempfile
 
-    from sd_cli.config import load_config
+    from sd_cli.weights.config import load_config
 
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / "tiny.yaml"

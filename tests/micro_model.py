@@ -25,7 +25,7 @@ assert MICRO_YAML.count("[1, 1") == 2 and "num_hidden_layers: 1\n" in MICRO_YAML
 
 
 def micro_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
-    from sd_cli.ldm import LatentDiffusion
+    from sd_cli.model.ldm import LatentDiffusion
 
     cfg = load_config_from_text(MICRO_YAML)
     torch.manual_seed(seed)

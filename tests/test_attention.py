@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sd_cli import layers
+from sd_cli.model import layers
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

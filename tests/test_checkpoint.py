@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sd_cli.checkpoint import allowed_globals, file_hash, read_state_dict, short_hash
+from sd_cli.weights.checkpoint import allowed_globals, file_hash, read_state_dict, short_hash
 from sd_cli.errors import CheckpointError, UnsafeCheckpointError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -163,7 +163,7 @@ def test_lightning_ckpt_and_safetensors_load_identically(tmp_path, caplog):
     assert "pytorch_lightning" not in sys.modules  # loading must not need it
     save_file(sd, str(tmp_path / "model.safetensors"))
 
-    with caplog.at_level(logging.DEBUG, logger="sd_cli.checkpoint"):
+    with caplog.at_level(logging.DEBUG, logger="sd_cli.weights.checkpoint"):
         from_ckpt = read_state_dict(tmp_path / "model.ckpt")
     from_st = read_state_dict(str(tmp_path / "model.safetensors"))
 

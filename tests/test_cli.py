@@ -12,7 +12,8 @@ from PIL import Image
 
 from conftest import REPO
 from sd_cli.cli import main
-from sd_cli.images import parse_a1111_parameters, read_png_metadata
+from sd_cli.output.a1111 import parse_a1111_parameters
+from sd_cli.output.png import read_png_metadata
 
 
 def run_cli(tiny_files, outdir, *extra, fmt="safetensors", capsys=None):
@@ -116,7 +117,7 @@ def test_plms_and_dpm_solver_flags_are_aliases(tiny_files, tmp_path):
 
 
 def test_watermark_is_embedded_unless_disabled(tiny_files, tmp_path):
-    from sd_cli.images import read_watermark
+    from sd_cli.output.watermark import read_watermark
 
     base = ["--H", "256", "--W", "256", "--n_samples", "1", "--skip_grid", "--ddim_steps", "2"]
     assert run_cli(tiny_files, tmp_path / "wm", *base) == 0  # run_cli passes --no-watermark

@@ -26,7 +26,7 @@ from test_samplers import AC, GaussianEps, _noise
 
 from sd_cli.cli import COMPVIS_STEPS, DEFAULT_SAMPLER, DEFAULT_STEPS, build_parser, resolve_sampling
 from sd_cli.errors import UsageError
-from sd_cli.samplers import SAMPLERS
+from sd_cli.sampling.samplers import SAMPLERS
 
 X_T = _noise((2, 4, 8, 8), seed=0)
 

@@ -1,5 +1,5 @@
 """The built-in demo model through the command line: for every sampler, the pictures show what the prompts
-say (shape, its color, the background), read back by sd_cli.demo_data.classify; and the demo model is the
+say (shape, its color, the background), read back by sd_cli.demo.scenes.classify; and the demo model is the
 default on a machine without SD weights."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from conftest import REPO
-from sd_cli import demo_data as D
+from sd_cli.demo import scenes as D
 from sd_cli.cli import DEMO_DIR, main
 
 CKPT = DEMO_DIR / "demo.safetensors"
@@ -137,9 +137,9 @@ def test_training_tool_is_deterministic_and_exports_a_loadable_model(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from sd_cli import train_demo
-    from sd_cli.config import load_config
-    from sd_cli.loading import load_model
+    from sd_cli.run import train_demo
+    from sd_cli.weights.config import load_config
+    from sd_cli.weights.loading import load_model
 
     def run(name):
         work, out = tmp_path / name / "work", tmp_path / name / "out"

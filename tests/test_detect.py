@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sd_cli.detect import detect_model, require_sd1
+from sd_cli.weights.detect import detect_model, require_sd1
 from sd_cli.errors import UnsupportedModelError
 
 REPO = Path(__file__).resolve().parent.parent

@@ -24,9 +24,9 @@ import torch
 
 from micro_model import micro_argv, micro_checkpoints
 from sd_cli.cli import main
-from sd_cli.distributed import Dist, Slot, from_env, merge, number_images, shard
+from sd_cli.run.distributed import Dist, Slot, from_env, merge, number_images, shard
 from sd_cli.errors import OutputError, UsageError
-from sd_cli.images import SAMPLE_PATTERN, save_png
+from sd_cli.output.png import SAMPLE_PATTERN, save_png
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS = "a red cube\na blue ball\na green cone\na yellow ring\na white star\n"
@@ -171,7 +171,7 @@ def test_numbers_are_those_one_process_gives():
 
 
 def test_merge_lists_the_job_in_one_process_order():
-    from sd_cli.distributed import Share
+    from sd_cli.run.distributed import Share
 
     items = [[{"prompt": "a"}, {"prompt": "b"}], [{"prompt": "c"}], [{"prompt": "d"}]]
     slots = [Slot(["/x/0.png", None], [None, 5]), Slot([None], [6]), Slot(["/x/1.png"], [None])]
@@ -230,12 +230,12 @@ def test_resume_finishes_a_killed_one_process_run(job, env, tmp_path):
 
 FAIL_ON_RANK_1 = """\
 import sys
-import sd_cli.pipeline
+import sd_cli.pipeline.generate
 
 def boom(self, *args, **kwargs):
     raise RuntimeError("boom")
 
-sd_cli.pipeline.Pipeline.generate = boom
+sd_cli.pipeline.generate.Pipeline.generate = boom
 from sd_cli.cli import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -56,9 +56,9 @@ pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation doesn'
 from conftest import TINY_YAML, load_config_from_text  # noqa: E402
 from diffusers_ref import build_reference, diffusers_uint8  # noqa: E402
 
-from sd_cli.guidance import guided_eps_model  # noqa: E402
-from sd_cli.loading import load_model  # noqa: E402
-from sd_cli.schedule import ddim_timesteps  # noqa: E402
+from sd_cli.pipeline.guidance import guided_eps_model  # noqa: E402
+from sd_cli.weights.loading import load_model  # noqa: E402
+from sd_cli.sampling.schedule import ddim_timesteps  # noqa: E402
 
 RTOL = 2e-5  # max|ours - ref| / max(1, max|ref|); fp32 noise measured at <= 4.5e-6 (module docstring)
 SCALE = 7.5
@@ -173,7 +173,7 @@ def test_diffusers_configs_equal_the_tiny_yaml(models):
 def test_conversion_maps_every_learned_tensor(models):
     """diffusers' conversion, loaded strictly, holds as many values as our learned tensors (no tensor
     dropped or duplicated); spot checks of the renaming incl. the VAE attention's 1x1 conv -> linear."""
-    from sd_cli.ldm import SCHEDULE_KEYS
+    from sd_cli.model.ldm import SCHEDULE_KEYS
 
     ours, ref = models
     sd = ours.state_dict()
@@ -239,7 +239,7 @@ def test_ddim_grid_and_schedule_equal_diffusers_leading_spacing():
     the schedules agree to fp32 rounding (diffusers: float32 cumprod; ours: float64, rounded once)."""
     from diffusers import DDIMScheduler
 
-    from sd_cli.schedule import make_alphas_cumprod
+    from sd_cli.sampling.schedule import make_alphas_cumprod
 
     sched = DDIMScheduler(**SCHED_KW, clip_sample=False)
     for steps in (1, 2, 4, 5, 10, 20, 25, 50, 100):
@@ -315,7 +315,7 @@ def test_discrete_sampler_matches_stable_diffusion_pipeline(models, embeddings, 
     call (sigma_t = eta sqrt((1 - a_prev)/(1 - a) (1 - a/a_prev)) in both), so even that is comparable."""
     from diffusers import DDIMScheduler, PNDMScheduler
 
-    from sd_cli.samplers import get_sampler
+    from sd_cli.sampling.samplers import get_sampler
 
     ours, ref = models
     cond, uncond = embeddings
@@ -368,7 +368,7 @@ def test_dpmpp_2m_karras_matches_dpm_solver_multistep(models, embeddings):
     take the first-order step x = D). See the module docstring for the timestep rounding and start."""
     from diffusers import DPMSolverMultistepScheduler
 
-    from sd_cli.samplers import get_sampler
+    from sd_cli.sampling.samplers import get_sampler
 
     ours, ref = models
     cond, uncond = embeddings
@@ -415,7 +415,7 @@ def test_euler_ancestral_karras_matches_diffusers_step(models, embeddings):
     per-step noise (both draw torch.randn(shape) on the CPU in float32, once per step)."""
     from diffusers import EulerAncestralDiscreteScheduler
 
-    from sd_cli.samplers import get_sampler
+    from sd_cli.sampling.samplers import get_sampler
 
     ours, ref = models
     cond, uncond = embeddings
@@ -453,11 +453,11 @@ def test_euler_ancestral_karras_matches_diffusers_step(models, embeddings):
 def test_pipeline_generate_matches_stable_diffusion_pipeline(models, tiny_files):
     """`Pipeline.generate` vs StableDiffusionPipeline fed the embeddings of the same token ids (our
     tokenizer; diffusers' would need a vocab download) from the reference CLIP, DDIM 10 steps, CFG 7.5."""
-    if importlib.util.find_spec("sd_cli.images") is None:
+    if importlib.util.find_spec("sd_cli.output.png") is None:
         pytest.skip("sd_cli/images.py (to_uint8) is not in the tree yet")
     from diffusers import DDIMScheduler
 
-    from sd_cli.pipeline import Pipeline
+    from sd_cli.pipeline.generate import Pipeline
 
     ours, ref = models
     prompts = ["a photograph of an astronaut riding a horse", "a red cube"]

@@ -19,8 +19,8 @@ pytestmark = pytest.mark.slow
 def test_full_size_random_checkpoint_through_the_cli(tmp_path, capsys):
     from safetensors.torch import save_file
 
-    from sd_cli.config import load_config
-    from sd_cli.ldm import LatentDiffusion
+    from sd_cli.weights.config import load_config
+    from sd_cli.model.ldm import LatentDiffusion
 
     cfg = load_config(REPO / "configs/stable-diffusion/v1-inference-cpu.yaml")
     torch.manual_seed(0)

@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from sd_cli.checkpoint import read_state_dict
+from sd_cli.weights.checkpoint import read_state_dict
 from sd_cli.errors import SdCliError
 
 SCALE = max(1, int(os.environ.get("FUZZ_SCALE", "1")))
@@ -238,13 +238,13 @@ def test_pickle_memo_bomb_is_refused_before_allocating(tmp_path):
 
 
 def _load(cfg, path):
-    from sd_cli.loading import load_model
+    from sd_cli.weights.loading import load_model
 
     load_model(cfg.model, path)
 
 
 def test_fuzz_load_model_safetensors(micro, tmp_path):
-    from sd_cli.config import load_config
+    from sd_cli.weights.config import load_config
 
     cfg = load_config(micro["config"])
     data = micro["safetensors"].read_bytes()
@@ -262,7 +262,7 @@ def test_fuzz_load_model_safetensors(micro, tmp_path):
 
 
 def test_fuzz_load_model_ckpt(micro, tmp_path):
-    from sd_cli.config import load_config
+    from sd_cli.weights.config import load_config
 
     cfg = load_config(micro["config"])
     data = micro["ckpt"].read_bytes()

@@ -13,21 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from sd_cli import images
+from sd_cli.output import png as images
 from sd_cli.errors import OutputError
-from sd_cli.images import (
-    WatermarkSkipped,
-    a1111_parameters,
-    apply_watermark,
-    ensure_writable_dir,
-    make_grid,
-    next_free_index,
-    parse_a1111_parameters,
-    read_png_metadata,
-    read_watermark,
-    save_png,
-    to_uint8,
-)
+from sd_cli.output.a1111 import a1111_parameters, parse_a1111_parameters
+from sd_cli.output.pixels import make_grid, to_uint8
+from sd_cli.output.png import ensure_writable_dir, next_free_index, read_png_metadata, save_png
+from sd_cli.output.watermark import WatermarkSkipped, apply_watermark, read_watermark
 
 # ---------------------------------------------------------------------------------- to_uint8
 
@@ -463,7 +454,7 @@ def test_save_png_encoding_error_leaves_nothing(tmp_path, monkeypatch):
         f.write(b"\x89PNG partial")
         raise RuntimeError("encoder blew up")
 
-    monkeypatch.setattr(images, "_write_png", broken)
+    monkeypatch.setattr(images, "write_png", broken)
     with pytest.raises(RuntimeError, match="blew up"):
         _save(tmp_path)
     assert os.listdir(tmp_path) == []
@@ -476,7 +467,7 @@ def test_save_png_ctrl_c_leaves_nothing(tmp_path, monkeypatch):
         f.write(b"\x89PNG partial")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(images, "_write_png", interrupted)
+    monkeypatch.setattr(images, "write_png", interrupted)
     with pytest.raises(KeyboardInterrupt):
         _save(tmp_path)
     assert os.listdir(tmp_path) == ["00000.png"]
@@ -485,13 +476,13 @@ def test_save_png_ctrl_c_leaves_nothing(tmp_path, monkeypatch):
 def test_save_png_enospc_becomes_output_error(tmp_path, monkeypatch):
     first = _save(tmp_path, value=9)
     good = first.read_bytes()
-    real_write = images._write_png
+    real_write = images.write_png
 
     def disk_full(f, img, parameters, metadata):
         real_write(f, img, parameters, metadata)  # bytes in the buffer...
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(images, "_write_png", disk_full)
+    monkeypatch.setattr(images, "write_png", disk_full)
     with pytest.raises(OutputError) as info:
         _save(tmp_path)
     msg = str(info.value)

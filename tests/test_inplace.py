@@ -7,8 +7,8 @@ import pytest
 import torch
 from conftest import TINY_YAML, load_config_from_text, make_tiny_state_dict
 
-from sd_cli import layers
-from sd_cli.loading import prepare_for_inference
+from sd_cli.model import layers
+from sd_cli.weights.loading import prepare_for_inference
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -28,7 +28,7 @@ def test_helpers_write_in_place_only_without_autograd():
 
 
 def _tiny_model(channels_last: bool):
-    from sd_cli.ldm import LatentDiffusion
+    from sd_cli.model.ldm import LatentDiffusion
 
     model = LatentDiffusion(load_config_from_text(TINY_YAML).model)
     model.load_state_dict(make_tiny_state_dict(), strict=True)

@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import SHARED, TINY_YAML, load_config_from_text, make_tiny_state_dict, save_lightning_ckpt
-from sd_cli.config import load_config
+from sd_cli.weights.config import load_config
 from sd_cli.errors import CheckpointError
-from sd_cli.loading import build_meta_model, load_model
+from sd_cli.weights.loading import build_meta_model, load_model
 
 
 def test_full_size_meta_model_has_exactly_the_sd1_tensors():
@@ -107,7 +107,7 @@ model:
 @pytest.mark.parametrize("hw", [(64, 64), (64, 96), (72, 56)])
 def test_unet_and_vae_shapes(hw):
     cfg = load_config_from_text(TINY_YAML).model
-    from sd_cli.ldm import LatentDiffusion
+    from sd_cli.model.ldm import LatentDiffusion
 
     torch.manual_seed(0)
     model = LatentDiffusion(cfg).eval()

@@ -9,7 +9,7 @@ import torch
 
 from conftest import TINY_YAML, load_config_from_text
 from sd_cli.errors import UsageError
-from sd_cli.precision import (
+from sd_cli.weights.precision import (
     CpuFeatures,
     choose_dtype,
     cpu_features,
@@ -158,7 +158,7 @@ def test_cuda_rules_without_a_gpu():
 
 @pytest.fixture(scope="module")
 def tiny_models(tiny_files):
-    from sd_cli.loading import load_model
+    from sd_cli.weights.loading import load_model
 
     cfg = load_config_from_text(TINY_YAML).model
     return {dt: load_model(cfg, tiny_files["safetensors"], "cpu", dt) for dt in (torch.float32, torch.bfloat16)}
@@ -172,7 +172,7 @@ def test_weights_are_stored_in_the_compute_dtype(tiny_models):
 
 
 def test_groupnorm_native_bf16_matches_fp32_reference():
-    from sd_cli.layers import group_norm
+    from sd_cli.model.layers import group_norm
 
     gn = group_norm(64)
     with torch.no_grad():
@@ -193,7 +193,7 @@ def test_groupnorm_channels_last_half_precision(offset, monkeypatch):
     """Channels-last bf16 input: torch's native NHWC kernel is kept while |mean| / std is small (offset 0
     and 3: mean/std up to ~1.5), and a group far off zero (offset 50: mean/std 25, where that kernel's
     E[x^2] - E[x]^2 loses ~0.2) goes through the exact NCHW path; both within bf16 rounding of float64."""
-    from sd_cli import layers
+    from sd_cli.model import layers
 
     gn = layers.group_norm(64).to(torch.bfloat16)
     with torch.no_grad():
@@ -218,7 +218,7 @@ def test_groupnorm_channels_last_float32_is_as_precise_as_nchw(offset, monkeypat
     """Channels-last float32 input: each group is shifted by a subsample estimate of its mean, then torch's
     native NHWC kernel runs (no layout copies). Its E[x^2] - E[x]^2 would lose ~1e-2 at mean/std = 25 without
     the shift; with it the error stays within a few times the NCHW kernel's, at every offset."""
-    from sd_cli import layers
+    from sd_cli.model import layers
 
     torch.manual_seed(0)
     gn = layers.group_norm(64)
@@ -246,7 +246,7 @@ def test_groupnorm_channels_last_float32_is_as_precise_as_nchw(offset, monkeypat
 def test_groupnorm_channels_last_float32_falls_back_when_the_shift_misses():
     """A group whose mass sits where the 1/16 subsample never looks (rows 1, 5, 9, 13: a quarter of the
     pixels, so after the shift |mean| / std = sqrt(1/3) > FP32_NHWC_MAX_RATIO) takes the exact NCHW path."""
-    from sd_cli import layers
+    from sd_cli.model import layers
 
     torch.manual_seed(0)
     gn = layers.group_norm(64)
@@ -259,7 +259,7 @@ def test_groupnorm_channels_last_float32_falls_back_when_the_shift_misses():
 
 
 def _images(model, dtype_noise_seed=0, steps=8, size=64):
-    from sd_cli.pipeline import Pipeline, initial_noise
+    from sd_cli.pipeline.generate import Pipeline, initial_noise
 
     pipe = Pipeline(model, CPU)
     gen = torch.Generator().manual_seed(dtype_noise_seed)
@@ -273,7 +273,7 @@ def test_bf16_image_stays_close_to_fp32(tiny_models, attention, monkeypatch):
     """Same seed, same weights (bf16-rounded), DPM++ 2M 8 steps, guidance 7.5 (which amplifies eps
     differences 7.5x): measured mean |diff| 0.66 and max 6 of 255 on the tiny random model; bounds ~2.5x.
     "rows": every bf16 attention through `layers.attention_in_rows` (as on a CPU without AMX at 256+ px)."""
-    from sd_cli import layers
+    from sd_cli.model import layers
 
     monkeypatch.setattr(layers, "ROWS_MIN_SCORES", 1 if attention == "rows" else None)
     monkeypatch.setattr(layers, "_cpu_has_amx_bf16", lambda: False)
@@ -290,8 +290,8 @@ def test_bf16_image_stays_close_to_fp32(tiny_models, attention, monkeypatch):
 
 
 def test_nonfinite_half_decode_is_redone_in_fp32_once(tiny_files):
-    from sd_cli.loading import load_model
-    from sd_cli.vae_tiling import LatentDecoder
+    from sd_cli.weights.loading import load_model
+    from sd_cli.pipeline.vae_tiling import LatentDecoder
 
     cfg = load_config_from_text(TINY_YAML).model
     model = load_model(cfg, tiny_files["safetensors"], "cpu", torch.bfloat16)
@@ -318,8 +318,8 @@ def test_nonfinite_half_decode_is_redone_in_fp32_once(tiny_files):
 
 
 def test_nonfinite_latents_are_not_retried(tiny_files):
-    from sd_cli.loading import load_model
-    from sd_cli.vae_tiling import LatentDecoder
+    from sd_cli.weights.loading import load_model
+    from sd_cli.pipeline.vae_tiling import LatentDecoder
 
     model = load_model(load_config_from_text(TINY_YAML).model, tiny_files["safetensors"], "cpu", torch.bfloat16)
     warnings = []
@@ -341,7 +341,7 @@ def _cli(tiny_files, outdir, *extra):
 
 
 def test_cli_records_the_dtype(tiny_files, tmp_path):
-    from sd_cli.images import read_png_metadata
+    from sd_cli.output.png import read_png_metadata
 
     assert _cli(tiny_files, tmp_path / "b", "--dtype", "bf16") == 0
     assert read_png_metadata(tmp_path / "b/samples/00000.png")[1]["dtype"] == "bfloat16"
@@ -350,8 +350,8 @@ def test_cli_records_the_dtype(tiny_files, tmp_path):
 
 
 def test_cli_autocast_follows_the_cpu(tiny_files, tmp_path, monkeypatch):
-    import sd_cli.precision as precision
-    from sd_cli.images import read_png_metadata
+    import sd_cli.weights.precision as precision
+    from sd_cli.output.png import read_png_metadata
 
     for feats, expected in ((NATIVE, "bfloat16"), (PLAIN, "float32")):
         monkeypatch.setattr(precision, "cpu_features", lambda *a, feats=feats, **k: feats)
@@ -368,7 +368,7 @@ def test_cli_autocast_follows_the_cpu(tiny_files, tmp_path, monkeypatch):
      (["--threads", "0"], "--threads 0")],
 )
 def test_cli_dtype_usage_errors(tiny_files, tmp_path, capsys, monkeypatch, extra, needle):
-    import sd_cli.precision as precision
+    import sd_cli.weights.precision as precision
 
     monkeypatch.setattr(precision, "cpu_features", lambda *a, **k: NATIVE)  # no fp16 arithmetic
     assert _cli(tiny_files, tmp_path / "o", *extra) == 2

@@ -21,12 +21,12 @@ from PIL import Image
 
 from conftest import REPO, save_lightning_ckpt
 from micro_model import micro_argv
-from sd_cli import images
+from sd_cli.output import png as images
 from sd_cli.cli import main
 from sd_cli.errors import PromptFileError
-from sd_cli.images import read_png_metadata
-from sd_cli.prompts import parse_prompts, read_prompt_file
-from sd_cli.resume import deferred_interrupt
+from sd_cli.output.png import read_png_metadata
+from sd_cli.run.prompts import parse_prompts, read_prompt_file
+from sd_cli.run.resume import deferred_interrupt
 
 
 pytestmark = pytest.mark.usefixtures("private_hash_cache", "one_torch_thread")  # (tests/conftest.py)
@@ -170,9 +170,9 @@ def test_half_precision_overflow_is_named(micro, micro_sd, tmp_path):
     """A float32 weight too large for float16 would load as inf: refused, with the way out."""
     from safetensors.torch import save_file
 
-    from sd_cli.config import load_config
+    from sd_cli.weights.config import load_config
     from sd_cli.errors import CheckpointError
-    from sd_cli.loading import load_model
+    from sd_cli.weights.loading import load_model
 
     path = tmp_path / "big.safetensors"
     save_file(_with(micro_sd, UNET_OUT, _nan_at(micro_sd[UNET_OUT], 1e6)), str(path))
@@ -195,12 +195,12 @@ def _nan_like(t: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize(
     "stage, target, replacement, words",
     [
-        ("unet", "sd_cli.ldm.LatentDiffusion.unet", lambda self, x, t, c: _nan_like(x),
+        ("unet", "sd_cli.model.ldm.LatentDiffusion.unet", lambda self, x, t, c: _nan_like(x),
          "sampling (ddim) produced non-finite latents (NaN/inf) at step 1 of"),
-        ("vae", "sd_cli.vae.AutoencoderKL.decode",
+        ("vae", "sd_cli.model.vae.AutoencoderKL.decode",
          lambda self, z: torch.full((z.shape[0], 3, z.shape[2] * 8, z.shape[3] * 8), float("nan")),
          "the VAE decode produced non-finite pixels (NaN/inf)"),
-        ("text", "sd_cli.ldm.LatentDiffusion.encode_text",
+        ("text", "sd_cli.model.ldm.LatentDiffusion.encode_text",
          lambda self, ids: torch.full((ids.shape[0], 77, 32), float("nan")),
          "the text encoder produced non-finite values (NaN/inf)"),
     ],
@@ -218,8 +218,8 @@ def test_nan_guard_stops_naming_the_stage(micro, tmp_path, capsys, monkeypatch, 
 
 def test_nan_guard_gpu_path_names_the_first_bad_step(micro, tmp_path, capsys, monkeypatch):
     """The path used on GPUs (flags kept on the device, read once after the loop), run on the CPU."""
-    from sd_cli.ldm import LatentDiffusion
-    from sd_cli.pipeline import Pipeline
+    from sd_cli.model.ldm import LatentDiffusion
+    from sd_cli.pipeline.generate import Pipeline
 
     real_unet, calls = LatentDiffusion.unet, []
 
@@ -237,8 +237,8 @@ def test_nan_guard_gpu_path_names_the_first_bad_step(micro, tmp_path, capsys, mo
 
 
 def test_nan_in_a_later_batch_keeps_the_earlier_images(micro, tmp_path, capsys, monkeypatch):
-    from sd_cli.ldm import LatentDiffusion
-    from sd_cli.pipeline import Pipeline
+    from sd_cli.model.ldm import LatentDiffusion
+    from sd_cli.pipeline.generate import Pipeline
 
     real_generate, real_unet = Pipeline.generate, LatentDiffusion.unet
     batches = []
@@ -320,7 +320,7 @@ def test_sigint_keeps_finished_images_and_exits_130(micro, tmp_path, tmp_path_fa
 
 
 def test_disk_full_is_one_line_and_keeps_earlier_files(micro, tmp_path, capsys, monkeypatch):
-    real_write = images._write_png
+    real_write = images.write_png
     calls = []
 
     def disk_fills_up(f, img, parameters, metadata):
@@ -330,7 +330,7 @@ def test_disk_full_is_one_line_and_keeps_earlier_files(micro, tmp_path, capsys, 
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_write(f, img, parameters, metadata)
 
-    monkeypatch.setattr(images, "_write_png", disk_fills_up)
+    monkeypatch.setattr(images, "write_png", disk_fills_up)
     out = tmp_path / "out"
     argv = micro_argv(micro, out, "--n_iter", "2", "--n_samples", "2", "--json")
     rc = main(argv)
@@ -348,7 +348,7 @@ def test_disk_full_is_one_line_and_keeps_earlier_files(micro, tmp_path, capsys, 
         assert_complete_png(out / "samples" / name)
 
     # Space freed: the same command with --resume finishes the run and leaves the earlier files alone.
-    monkeypatch.setattr(images, "_write_png", real_write)
+    monkeypatch.setattr(images, "write_png", real_write)
     assert main([*argv, "--resume"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert [Path(i["path"]).name for i in report["skipped"]] == ["00000.png", "00001.png"]
@@ -473,7 +473,7 @@ def test_bad_prompt_files_are_usage_errors(micro, tmp_path, capsys, content, wor
 
 
 def test_prompt_file_size_is_capped(tmp_path, monkeypatch):
-    import sd_cli.prompts as prompts_module
+    import sd_cli.run.prompts as prompts_module
 
     monkeypatch.setattr(prompts_module, "MAX_BYTES", 1024)
     path = tmp_path / "huge.txt"

@@ -14,10 +14,10 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from micro_model import micro_argv
-from sd_cli import images
+from sd_cli.output import png as images
 from sd_cli.cli import main
-from sd_cli.images import read_png_metadata, save_png
-from sd_cli.resume import KEY_FIELDS, ResumePlan
+from sd_cli.output.png import read_png_metadata, save_png
+from sd_cli.run.resume import KEY_FIELDS, ResumePlan
 
 
 pytestmark = pytest.mark.usefixtures("private_hash_cache", "one_torch_thread")  # (tests/conftest.py)
@@ -118,15 +118,15 @@ def test_killed_batch_resumes_to_the_same_files(micro, tmp_path, capsys, monkeyp
     assert files_of(killed) == reference  # same names, same bytes, grid included
 
     # Again: nothing left to do, nothing written (not even a second grid), and the model is never loaded.
-    import sd_cli.loading
+    import sd_cli.weights.loading
 
     def no_load(*args, **kwargs):
         raise AssertionError("--resume loaded the model although every image exists")
 
-    real_load = sd_cli.loading.load_model
-    monkeypatch.setattr(sd_cli.loading, "load_model", no_load)
+    real_load = sd_cli.weights.loading.load_model
+    monkeypatch.setattr(sd_cli.weights.loading, "load_model", no_load)
     rc, report = run_json(micro_argv(micro, killed, *extra, "--resume"), capsys)
-    monkeypatch.setattr(sd_cli.loading, "load_model", real_load)
+    monkeypatch.setattr(sd_cli.weights.loading, "load_model", real_load)
     assert rc == 0 and report["images"] == [] and len(report["skipped"]) == 10
     assert report["grid"] == str(killed / "grid-0000.png")
     assert files_of(killed) == reference

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from sd_cli import schedule
+from sd_cli.sampling import schedule
 from sd_cli.errors import UsageError
-from sd_cli.guidance import guided_eps_model
-from sd_cli.samplers import SAMPLERS, SamplerInfo, get_sampler
+from sd_cli.pipeline.guidance import guided_eps_model
+from sd_cli.sampling.samplers import SAMPLERS, SamplerInfo, get_sampler
 
 AC = schedule.make_alphas_cumprod()  # (1000,) f32, the model buffer
 AC64 = AC.double()  # the same numbers in float64

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from sd_cli import schedule
+from sd_cli.sampling import schedule
 from sd_cli.errors import UsageError
 
 

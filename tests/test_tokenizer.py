@@ -46,8 +46,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sd_cli import tokenizer as tokmod
-from sd_cli.tokenizer import BOS, CONTEXT_LENGTH, EOS, CLIPTokenizer, TokenizedBatch, get_tokenizer
+from sd_cli.model import tokenizer as tokmod
+from sd_cli.model.tokenizer import BOS, CONTEXT_LENGTH, EOS, CLIPTokenizer, TokenizedBatch, get_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 DATA_FILE = REPO / "sd_cli" / "data" / "clip_bpe_merges.txt"

@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from conftest import TINY_YAML, load_config_from_text, make_tiny_state_dict
-from sd_cli import vae_tiling as vt
-from sd_cli.layers import use_channels_last
+from sd_cli.pipeline import vae_tiling as vt
+from sd_cli.model.layers import use_channels_last
 
 
 @pytest.fixture(scope="module")
 def vae():
-    from sd_cli.ldm import LatentDiffusion
+    from sd_cli.model.ldm import LatentDiffusion
 
     model = LatentDiffusion(load_config_from_text(TINY_YAML).model)
     model.load_state_dict(make_tiny_state_dict())
@@ -97,7 +97,7 @@ def test_auto_rule(mode, h, w, method):
 
 
 def test_decoder_routes_by_size(tiny_files, monkeypatch):
-    from sd_cli.loading import load_model
+    from sd_cli.weights.loading import load_model
 
     model = load_model(load_config_from_text(TINY_YAML).model, tiny_files["safetensors"])
     calls = []
@@ -119,7 +119,7 @@ def test_cli_vae_tiling_flag(tiny_files, tmp_path):
     from PIL import Image
 
     from sd_cli.cli import main
-    from sd_cli.images import read_png_metadata
+    from sd_cli.output.png import read_png_metadata
 
     def run(out, *extra):
         argv = ["--ckpt", str(tiny_files["safetensors"]), "--config", str(tiny_files["config"]), "--outdir",

@@ -15,11 +15,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
-from .ldm import ModelConfig, ScheduleConfig
-from .text_encoder import TextEncoderConfig
-from .unet import UNetConfig
-from .vae import VAEConfig
+from sd_cli.errors import ConfigError
+from sd_cli.model.ldm import ModelConfig, ScheduleConfig
+from sd_cli.model.text_encoder import TextEncoderConfig
+from sd_cli.model.unet import UNetConfig
+from sd_cli.model.vae import VAEConfig
 
 DEFAULT_CONFIG = "configs/stable-diffusion/v1-inference.yaml"
 DEVICES = ("auto", "cpu", "cuda")

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import demo_data as D
+from sd_cli.demo import scenes as D
 
 # The demo model: SD v1's layout (4 UNet levels, 2 res blocks, attention at 4/2/1, a CLIP text tower,
 # 4-level VAE), small widths (multiples of 32; 8 GroupNorm groups). The text tower is 2 layers of width 64
@@ -91,7 +91,7 @@ def model_dict(args=None) -> dict:
 
 
 def model_config(scale_factor: float = 1.0, m: dict | None = None):
-    from .config import Config, _from_ours  # noqa: F401  (our YAML reader, so the YAML and training agree)
+    from sd_cli.weights.config import Config, _from_ours  # noqa: F401  (our YAML reader, so the YAML and training agree)
 
     m = copy.deepcopy(m or DEMO_MODEL)
     m["scale_factor"] = scale_factor
@@ -201,7 +201,7 @@ def train_unet(args, model, pool, scale_factor: float, workdir: Path, steps: int
                step_offset: int = 0) -> dict:
     """`steps` AdamW steps (fresh optimizer and EMA, starting from the model's current weights): lr warm-up
     over 100 steps, then constant (final_lr None) or cosine down to final_lr."""
-    from .tokenizer import get_tokenizer
+    from sd_cli.model.tokenizer import get_tokenizer
 
     mean, std, scenes = pool
     tok = get_tokenizer()
@@ -327,7 +327,7 @@ def export(workdir: Path, out: Path, extra: dict | None = None) -> Path:
     """Write <out>/demo.safetensors (fp16 weights, fp32 schedule, int64 position_ids) + <out>/demo.yaml."""
     from safetensors.torch import save_file
 
-    from .ldm import SCHEDULE_KEYS
+    from sd_cli.model.ldm import SCHEDULE_KEYS
 
     snap = torch.load(workdir / "unet.pt", map_location="cpu", weights_only=True)
     sd = {}
@@ -422,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.threads is None:
-        from .precision import default_threads
+        from sd_cli.weights.precision import default_threads
 
         args.threads = default_threads()
     torch.set_num_threads(args.threads)
@@ -432,9 +432,9 @@ def main(argv: list[str] | None = None) -> int:
         export(args.workdir, args.out)
         return 0
 
-    from .layers import norm_groups
-    from .ldm import LatentDiffusion
-    from .vae import AutoencoderKL
+    from sd_cli.model.layers import norm_groups
+    from sd_cli.model.ldm import LatentDiffusion
+    from sd_cli.model.vae import AutoencoderKL
 
     args.model_dict = model_dict(args)
     init = None

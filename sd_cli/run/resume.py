@@ -40,7 +40,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .images import GRID_PATTERN, SAMPLE_PATTERN
+from sd_cli.output.png import GRID_PATTERN, SAMPLE_PATTERN
 
 log = logging.getLogger(__name__)
 

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import read_state_dict
-from .detect import require_sd1
-from .errors import CheckpointError
-from .ldm import SCHEDULE_KEYS, LatentDiffusion, ModelConfig
-from .schedule import ldm_buffers
+from sd_cli.weights.checkpoint import read_state_dict
+from sd_cli.weights.detect import require_sd1
+from sd_cli.errors import CheckpointError
+from sd_cli.model.ldm import SCHEDULE_KEYS, LatentDiffusion, ModelConfig
+from sd_cli.sampling.schedule import ldm_buffers
 
 log = logging.getLogger(__name__)
 
@@ -180,9 +180,9 @@ def prepare_for_inference(model: torch.nn.Module, channels_last: bool | None = N
     """Runtime layout on a loaded model (or a bare UNet/VAE): channels-last activations per
     `channels_last` (True/False for both parts; None: `CHANNELS_LAST`). Values are unchanged up to float
     rounding (different conv kernels)."""
-    from .layers import use_channels_last
-    from .unet import UNetModel
-    from .vae import AutoencoderKL
+    from sd_cli.model.layers import use_channels_last
+    from sd_cli.model.unet import UNetModel
+    from sd_cli.model.vae import AutoencoderKL
 
     for m in model.modules():
         if isinstance(m, (UNetModel, AutoencoderKL)):

@@ -14,8 +14,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from .errors import UsageError
-from .samplers import EpsModel
+from sd_cli.errors import UsageError
+from sd_cli.sampling.samplers import EpsModel
 
 # unet(x (N,C,h,w), t (N,) float, context (N,77,D)) -> eps (N,C,h,w)
 ConditionalUNet = Callable[[Tensor, Tensor, Tensor], Tensor]

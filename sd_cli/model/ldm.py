@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .layers import norm_groups
-from .schedule import LDM_BUFFER_NAMES, ldm_buffers
-from .text_encoder import FrozenCLIPEmbedder, TextEncoderConfig
-from .unet import UNetConfig, UNetModel
-from .vae import AutoencoderKL, VAEConfig
+from sd_cli.model.layers import norm_groups
+from sd_cli.sampling.schedule import LDM_BUFFER_NAMES, ldm_buffers
+from sd_cli.model.text_encoder import FrozenCLIPEmbedder, TextEncoderConfig
+from sd_cli.model.unet import UNetConfig, UNetModel
+from sd_cli.model.vae import AutoencoderKL, VAEConfig
 
 
 @dataclass(frozen=True)

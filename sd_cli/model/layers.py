@@ -168,7 +168,7 @@ def _rows_pay_off(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _cpu_has_amx_bf16() -> bool:
-    from .precision import cpu_features
+    from sd_cli.model.cpu import cpu_features
 
     return cpu_features().amx_bf16
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
-from .errors import SdCliError, UsageError
+from sd_cli.errors import SdCliError, UsageError
 
 # How long a rank waits in a collective. At the final gather a rank that finished its share waits for the
 # slowest one: about one batch on equal hardware, hours when hosts differ in speed. A rank that dies is
@@ -111,7 +111,7 @@ def number_images(item_metas: list[list[dict]], plan, base: int | None) -> list[
 
 def work_digest(item_metas: list[list[dict]]) -> str:
     """A hash of every image's work-item identity: equal on all ranks when they run the same job."""
-    from .resume import work_key
+    from sd_cli.run.resume import work_key
 
     keys = [work_key(meta) for metas in item_metas for meta in metas]
     return hashlib.sha256(json.dumps(keys).encode()).hexdigest()

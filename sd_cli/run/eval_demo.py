@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import demo_data as D
+from sd_cli.demo import scenes as D
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo"
 
@@ -34,9 +34,9 @@ def validate_classifier(n_per_scene: int = 10, seed: int = 0) -> float:
 
 
 def load_demo(ckpt: Path, config: Path):
-    from .config import load_config
-    from .loading import load_model
-    from .pipeline import Pipeline
+    from sd_cli.weights.config import load_config
+    from sd_cli.weights.loading import load_model
+    from sd_cli.pipeline.generate import Pipeline
 
     cfg = load_config(config)
     model = load_model(cfg.model, ckpt, device="cpu", dtype=torch.float32)
@@ -44,8 +44,8 @@ def load_demo(ckpt: Path, config: Path):
 
 
 def generate(pipe, prompts: list[str], sampler: str, steps: int, scale: float, seed: int) -> np.ndarray:
-    from .pipeline import initial_noise
-    from .samplers import get_sampler
+    from sd_cli.pipeline.generate import initial_noise
+    from sd_cli.sampling.samplers import get_sampler
 
     gen = torch.Generator("cpu").manual_seed(seed)
     noise = initial_noise(gen, len(prompts), 4, D.SIZE, D.SIZE, 8)

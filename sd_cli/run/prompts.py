@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import codecs
 
-from .errors import PromptFileError
+from sd_cli.errors import PromptFileError
 
 MAX_BYTES = 64 * 1024 * 1024
 

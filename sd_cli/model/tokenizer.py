@@ -163,7 +163,7 @@ def _byte_symbols() -> list[tuple[int, str]]:
 
 def _read_merges(bpe_path: str | PathLike | None) -> list[tuple[str, str]]:
     if bpe_path is None:
-        data = resources.files(__package__ or "sd_cli").joinpath("data", DATA_FILE).read_bytes()
+        data = resources.files("sd_cli").joinpath("data", DATA_FILE).read_bytes()
         source = f"sd_cli/data/{DATA_FILE}"
     else:
         with open(bpe_path, "rb") as fh:

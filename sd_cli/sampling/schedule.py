@@ -23,7 +23,7 @@ import math
 import numpy as np
 import torch
 
-from .errors import UsageError
+from sd_cli.errors import UsageError
 
 # SD v1.x `model.params` (v1-inference.yaml): linear_start, linear_end, timesteps.
 LINEAR_START = 0.00085

@@ -253,7 +253,6 @@ class LatentDecoder:
         self.mode = mode
         self.on_warning = on_warning or (lambda msg: None)
         self.fell_back = False  # the VAE was switched to float32 after a non-finite decode
-        self.last_method = "whole"
 
     @property
     def vae(self):
@@ -263,7 +262,7 @@ class LatentDecoder:
         vae = self.vae
         h, w = latents.shape[-2:]
         f = self.model.cfg.downscale
-        self.last_method = method = decode_method(self.mode, f * h, f * w)
+        method = decode_method(self.mode, f * h, f * w)
         if method == "whole":
             return self.model.decode(latents)
         z = latents.to(vae.post_quant_conv.weight.dtype) / self.model.cfg.scale_factor

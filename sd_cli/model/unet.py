@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import FreshSiLU, add_fresh, attention, group_norm, mul_fresh
+from sd_cli.model.layers import FreshSiLU, add_fresh, attention, group_norm, mul_fresh
 
 
 @dataclass(frozen=True)

@@ -36,8 +36,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import schedule
-from .errors import UsageError
+from sd_cli.sampling import schedule
+from sd_cli.errors import UsageError
 
 EpsModel = Callable[[Tensor, Tensor], Tensor]  # (x (B,C,h,w), t (B,) f32) -> eps (B,C,h,w)
 StepCallback = Callable[[int, int, Tensor], None]  # (step index, total steps, x)

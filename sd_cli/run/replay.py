@@ -33,8 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
-from .errors import CheckpointError, SdCliError, UsageError
+from sd_cli.version import __version__
+from sd_cli.errors import CheckpointError, SdCliError, UsageError
 
 # Flags whose values come from the image; giving one with --replay is a usage error.
 GENERATION_DESTS = frozenset({
@@ -52,7 +52,7 @@ class ReplayError(SdCliError):
 
 def given_options(argv: list[str] | None) -> dict[str, str]:
     """{dest: flag as typed on the command line} for the options actually given in `argv`."""
-    from .cli import build_parser
+    from sd_cli.cli import build_parser
 
     parser = build_parser()
     flags = {}
@@ -110,7 +110,7 @@ def _recorded_tiling(meta: dict) -> str:
 
 
 def parse_recorded(meta: dict, path: Path) -> Recorded:
-    from .samplers import SAMPLERS
+    from sd_cli.sampling.samplers import SAMPLERS
 
     if meta.get("grid"):
         raise ReplayError(f"{path} is a grid; replay one of the single images in samples/ instead")
@@ -161,7 +161,7 @@ def read_image(path: Path) -> tuple[str | None, dict, np.ndarray]:
     """(A1111 text, sd_cli metadata, (H, W, 3) uint8 pixels) of the image to replay."""
     from PIL import Image, UnidentifiedImageError
 
-    from .images import read_png_metadata
+    from sd_cli.output.png import read_png_metadata
 
     try:
         text, meta = read_png_metadata(path)
@@ -186,10 +186,10 @@ def read_image(path: Path) -> tuple[str | None, dict, np.ndarray]:
 
 def png_bytes(img: np.ndarray, parameters: str, metadata: dict) -> bytes:
     """The bytes sd-txt2img writes for these pixels and texts."""
-    from .images import _write_png
+    from sd_cli.output.png import write_png
 
     buf = io.BytesIO()
-    _write_png(buf, img, parameters, metadata)
+    write_png(buf, img, parameters, metadata)
     return buf.getvalue()
 
 
@@ -205,7 +205,7 @@ def compare(a: np.ndarray, b: np.ndarray) -> dict:
 
 def replay(args: argparse.Namespace, argv: list[str] | None, state) -> int:
     """Run `--replay`; returns 0 (identical pixels) or 1 (different). Errors raise SdCliError."""
-    from .cli import a1111_text, missing_checkpoint_message, print_json, resolve_runtime
+    from sd_cli.cli import a1111_text, missing_checkpoint_message, print_json, resolve_runtime
 
     info = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     warn = lambda msg: print(f"warning: {msg}", file=sys.stderr)  # noqa: E731
@@ -223,7 +223,7 @@ def replay(args: argparse.Namespace, argv: list[str] | None, state) -> int:
         raise ReplayError(f"--replay {path}: the image is {original.shape[1]}x{original.shape[0]} but its metadata "
                           f"says {rec.width}x{rec.height} (resized or cropped since?)")
     if write_dir is not None:
-        from .images import ensure_writable_dir
+        from sd_cli.output.png import ensure_writable_dir
 
         ensure_writable_dir(write_dir)
 
@@ -232,7 +232,7 @@ def replay(args: argparse.Namespace, argv: list[str] | None, state) -> int:
     ckpt = Path(args.ckpt).expanduser()
     if not ckpt.exists():
         raise CheckpointError(missing_checkpoint_message(args.ckpt))
-    from .checkpoint import short_hash
+    from sd_cli.weights.checkpoint import short_hash
 
     model_hash = short_hash(ckpt)
     if model_hash != rec.model_hash:
@@ -249,13 +249,13 @@ def replay(args: argparse.Namespace, argv: list[str] | None, state) -> int:
     import torch
     from tqdm import tqdm
 
-    from .images import WATERMARK_MIN_PIXELS, apply_watermark
-    from .loading import load_model
-    from .pipeline import Pipeline, initial_noise
+    from sd_cli.output.watermark import WATERMARK_MIN_PIXELS, apply_watermark
+    from sd_cli.weights.loading import load_model
+    from sd_cli.pipeline.generate import Pipeline, initial_noise
 
     threads = None
     if device.type == "cpu":  # the run's thread count, unless --threads says otherwise
-        from .precision import set_threads
+        from sd_cli.weights.precision import set_threads
 
         asked = getattr(args, "threads", None)
         threads = set_threads(asked or rec.threads)
@@ -312,9 +312,9 @@ def replay(args: argparse.Namespace, argv: list[str] | None, state) -> int:
             bytes_identical = None
     written = None
     if write_dir is not None:
-        from .images import SAMPLE_PATTERN, save_png
-        from .resume import deferred_interrupt
-        from .samplers import get_sampler
+        from sd_cli.output.png import SAMPLE_PATTERN, save_png
+        from sd_cli.run.resume import deferred_interrupt
+        from sd_cli.sampling.samplers import get_sampler
 
         new_meta = {**meta, "device": device.type, "dtype": dtype_name, "threads": threads,
                     "sd_cli_version": __version__, "watermark": marked, "replay_of": str(path)}

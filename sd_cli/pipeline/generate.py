@@ -7,19 +7,18 @@ guided UNet on latents (B, 4, H/8, W/8) -> VAE decode (B, 3, H, W) -> uint8 imag
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
 
-from .errors import SdCliError
-from .guidance import guided_eps_model
-from .images import to_uint8
-from .ldm import LatentDiffusion
-from .samplers import get_sampler
-from .tokenizer import get_tokenizer
-from .vae_tiling import LatentDecoder
+from sd_cli.errors import SdCliError
+from sd_cli.pipeline.guidance import guided_eps_model
+from sd_cli.output.pixels import to_uint8
+from sd_cli.model.ldm import LatentDiffusion
+from sd_cli.sampling.samplers import get_sampler
+from sd_cli.model.tokenizer import get_tokenizer
+from sd_cli.pipeline.vae_tiling import LatentDecoder
 
 log = logging.getLogger(__name__)
 
@@ -30,13 +29,6 @@ def initial_noise(
     """Start latents (batch, C, H/f, W/f) from a seeded CPU generator, in float32, so a seed gives the
     same picture on every device: `torch.Generator("cpu").manual_seed(seed)` then one randn call."""
     return torch.randn((batch, channels, height // factor, width // factor), generator=generator, dtype=torch.float32)
-
-
-@dataclass
-class BatchResult:
-    images: np.ndarray  # (B, H, W, 3) uint8
-    steps_run: int
-    unet_seconds: float
 
 
 class Pipeline:

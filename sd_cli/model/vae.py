@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import add_fresh, group_norm, memory_format_of, sdpa, silu_fresh
+from sd_cli.model.layers import add_fresh, group_norm, memory_format_of, sdpa, silu_fresh
 
 
 @dataclass(frozen=True)

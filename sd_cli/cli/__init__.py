@@ -20,9 +20,9 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import __version__
-from .errors import CheckpointError, SdCliError, UsageError
-from .prompts import read_prompt_file  # noqa: F401  (--from-file; also imported from here by callers)
+from sd_cli.version import __version__
+from sd_cli.errors import CheckpointError, SdCliError, UsageError
+from sd_cli.run.prompts import read_prompt_file  # noqa: F401  (--from-file; also imported from here by callers)
 
 DEFAULT_CKPT = "models/ldm/stable-diffusion-v1/model.ckpt"
 DEFAULT_PROMPT = "a painting of a virus monster playing guitar"
@@ -55,7 +55,7 @@ def one_line(text: str) -> str:
 
 
 def _sampler_help() -> tuple[list[str], str]:
-    from .samplers import SAMPLERS
+    from sd_cli.sampling.samplers import SAMPLERS
 
     lines = [f"{name}: {info.description}" for name, info in SAMPLERS.items()]
     return list(SAMPLERS), "; ".join(lines)
@@ -290,7 +290,7 @@ def pick_dtype(precision: str, device, dtype_arg: str | None = None):
 
 
 def pick_dtype_choice(dtype_arg: str | None, precision_arg: str | None, config_precision: str, device):
-    from .precision import choose_dtype, requested_mode
+    from sd_cli.weights.precision import choose_dtype, requested_mode
 
     return choose_dtype(requested_mode(dtype_arg, precision_arg, config_precision), device)
 
@@ -302,13 +302,13 @@ def use_demo_model(args: argparse.Namespace, argv: list[str] | None) -> bool:
     """No --ckpt given and nothing at DEFAULT_CKPT: switch to the built-in demo model (sd_cli/demo), with its
     config, native size and guidance scale unless --config/--H/--W/--scale are given. False (and args
     untouched) otherwise."""
-    from .replay import given_options
+    from sd_cli.run.replay import given_options
 
     given = given_options(argv)
     ckpt, config = DEMO_DIR / "demo.safetensors", DEMO_DIR / "demo.yaml"
     if "ckpt" in given or Path(DEFAULT_CKPT).exists() or not (ckpt.is_file() and config.is_file()):
         return False
-    from .demo_data import GUIDANCE, SIZE
+    from sd_cli.demo.scenes import GUIDANCE, SIZE
 
     args.ckpt = str(ckpt)
     if "config" not in given:
@@ -332,7 +332,7 @@ def missing_checkpoint_message(path: str) -> str:
 
 def a1111_text(meta: dict, schedule: str) -> str:
     """The AUTOMATIC1111 `parameters` text of one image: its prompt, then A1111's own labels only."""
-    from .images import a1111_parameters
+    from sd_cli.output.a1111 import a1111_parameters
 
     bs = meta.get("batch_size", 1)
     return a1111_parameters({
@@ -348,7 +348,7 @@ def a1111_text(meta: dict, schedule: str) -> str:
 
 def resolve_runtime(args: argparse.Namespace):
     """(config, device, dtype) from --config, --C/--f, --device, --precision (also used by --replay)."""
-    from .config import load_config
+    from sd_cli.weights.config import load_config
 
     cfg = load_config(args.config)
     if args.C != cfg.model.latent_channels:
@@ -362,7 +362,7 @@ def resolve_runtime(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace, state: RunState) -> None:
-    from .images import ensure_writable_dir
+    from sd_cli.output.png import ensure_writable_dir
 
     info = lambda msg: None if args.quiet else print(msg, file=sys.stderr)  # noqa: E731
     warn = lambda msg: print(f"warning: {msg}", file=sys.stderr)  # noqa: E731
@@ -370,7 +370,7 @@ def run(args: argparse.Namespace, state: RunState) -> None:
     # 1. Arguments, prompts and output folder: all checked before anything heavy.
     check_args(args)
     sampler, args.ddim_steps = resolve_sampling(args)  # from here on, ddim_steps = the steps of any sampler
-    from .samplers import get_sampler
+    from sd_cli.sampling.samplers import get_sampler
 
     sampler_info = get_sampler(sampler)
     if sampler == "plms" and args.ddim_eta != 0:
@@ -396,7 +396,7 @@ def run(args: argparse.Namespace, state: RunState) -> None:
     ckpt = Path(args.ckpt).expanduser()
     if not ckpt.exists():
         raise CheckpointError(missing_checkpoint_message(args.ckpt))
-    from .distributed import from_env
+    from sd_cli.run.distributed import from_env
 
     ddp = from_env()  # under torchrun: this process's rank; None when run as one process
     if ddp is not None:
@@ -405,17 +405,17 @@ def run(args: argparse.Namespace, state: RunState) -> None:
         if not ddp.is_main:  # rank 0 speaks for the job; the others only warn, naming their rank
             info = lambda msg: None  # noqa: E731
             warn = lambda msg: print(f"warning: [rank {ddp.rank}] {msg}", file=sys.stderr)  # noqa: E731
-    from .checkpoint import short_hash
-    from .loading import load_model
+    from sd_cli.weights.checkpoint import short_hash
+    from sd_cli.weights.loading import load_model
 
-    from .precision import default_threads, set_threads
+    from sd_cli.weights.precision import default_threads, set_threads
 
     if device.type == "cpu":  # torchrun: by default the host's cores are shared among its ranks
         threads = set_threads(args.threads or (ddp.threads(default_threads()) if ddp else None))
     else:
         threads = None
     model_hash = short_hash(ckpt)  # (cached per file; part of every image's metadata)
-    from .pipeline import Pipeline, initial_noise
+    from sd_cli.pipeline.generate import Pipeline, initial_noise
 
     pipe: Pipeline | None = None
 
@@ -438,9 +438,10 @@ def run(args: argparse.Namespace, state: RunState) -> None:
     import torch
     from tqdm import tqdm
 
-    from .images import (GRID_PATTERN, SAMPLE_PATTERN, WATERMARK_MIN_PIXELS, WatermarkSkipped, apply_watermark,
-                         make_grid, next_free_index, save_png)
-    from .vae_tiling import decode_method
+    from sd_cli.output.pixels import make_grid
+    from sd_cli.output.png import GRID_PATTERN, SAMPLE_PATTERN, next_free_index, save_png
+    from sd_cli.output.watermark import WATERMARK_MIN_PIXELS, WatermarkSkipped, apply_watermark
+    from sd_cli.pipeline.vae_tiling import decode_method
 
     height, width = args.H, args.W
     base = {
@@ -464,7 +465,7 @@ def run(args: argparse.Namespace, state: RunState) -> None:
     watermark_warned = False
     # Recorded per image (replay needs it): the watermark goes on unless disabled or the image is too small.
     watermark = not args.no_watermark and height * width >= WATERMARK_MIN_PIXELS
-    from .resume import ResumePlan, deferred_interrupt, find_equal_grid, read_pixels
+    from sd_cli.run.resume import ResumePlan, deferred_interrupt, find_equal_grid, read_pixels
 
     if args.resume:  # --resume: what is done already (under torchrun rank 0 looks, see sd_cli/distributed.py)
         plan = ResumePlan.scan(sample_dir, warn=warn) if ddp is None or ddp.is_main else ResumePlan(sample_dir, warn)
@@ -557,7 +558,7 @@ def run(args: argparse.Namespace, state: RunState) -> None:
             run_item(j)
             bar.update(1)
     else:
-        from .distributed import Share, grid_pixels, merge
+        from sd_cli.run.distributed import Share, grid_pixels, merge
 
         share = Share(ddp.rank)
         item_metas = [metas_of(j)[1] for j in range(len(items))]
@@ -669,7 +670,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
     finally:  # under torchrun: leave the process group (sd_cli/distributed.py)
-        from .distributed import close
+        from sd_cli.run.distributed import close
 
         close()
 
@@ -693,7 +694,7 @@ def _main(argv: list[str] | None) -> int:
             print(f"note: using the built-in demo model (64x64 shapes, guidance {args.scale:g}); put real SD v1 weights at "
                   f"{DEFAULT_CKPT} or pass --ckpt", file=sys.stderr)
         if args.replay:  # check an image instead of making new ones (sd_cli/replay.py)
-            from .replay import replay
+            from sd_cli.run.replay import replay
 
             return replay(args, argv, state)
         run(args, state)

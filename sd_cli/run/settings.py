@@ -1,0 +1,216 @@
+"""The three settings objects below the CLI: what to generate, where to run, where to write.
+
+Each is frozen and checked once, when it is built (`__post_init__`); nothing changes them afterwards.
+The CLI builds them from its flags, the Python API from keyword arguments, `--replay` from a PNG's
+metadata. Values a caller leaves as None get the tool's defaults here, once: the sampler and step rule
+(`resolve_sampling`), and the demo model's size and guidance when the demo model runs (`choose_model`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from sd_cli.demo import DEMO_CKPT, DEMO_CONFIG, GUIDANCE, SIZE, demo_available
+from sd_cli.errors import UsageError
+from sd_cli.weights.config import DEFAULT_CONFIG
+from sd_cli.weights.dtypes import DTYPE_CHOICES
+
+DEFAULT_CKPT = "models/ldm/stable-diffusion-v1/model.ckpt"
+DEFAULT_PROMPT = "a painting of a virus monster playing guitar"
+# No sampler and no step count given: DPM-Solver++(2M) Karras, 25 steps (README "Samplers";
+# tests/test_default_sampler.py has the evidence).
+DEFAULT_SAMPLER = "dpmpp_2m"
+DEFAULT_STEPS = 25
+COMPVIS_STEPS = 50  # CompVis' --ddim_steps default: ddim and plms without a step count
+DEFAULT_SCALE = 7.5
+DEFAULT_SIZE = 512
+DEFAULT_SEED = 42
+SEED_LIMIT = 2**63  # seeds are 0 .. 2**63 - 1 (torch.Generator.manual_seed takes any int64)
+MAX_PIXELS = 4096 * 4096
+MAX_BATCH = 256  # largest batch a recorded image may claim (replay)
+VAE_TILING = ("auto", "on", "tiles", "off")
+
+
+def resolve_sampling(sampler: str | None, steps: int | None, ddim_steps: int | None = None,
+                     plms: bool = False, dpm_solver: bool = False) -> tuple[str, int]:
+    """(sampler, steps) from --sampler/--plms/--dpm_solver and --steps/--ddim_steps.
+
+    Nothing given: DEFAULT_SAMPLER with DEFAULT_STEPS. Only --ddim_steps N: DDIM with N steps (CompVis'
+    meaning); only --steps N: DEFAULT_SAMPLER with N. A named sampler without a step count runs
+    COMPVIS_STEPS (ddim, plms: as CompVis) or DEFAULT_STEPS (the others).
+    """
+    chosen = [n for n, flag in (("plms", plms), ("dpmpp_2m", dpm_solver)) if flag]
+    if sampler:
+        chosen.append(sampler)
+    if len(set(chosen)) > 1:
+        raise UsageError(f"conflicting samplers: {', '.join(sorted(set(chosen)))}; pick one")
+    if steps is not None and ddim_steps is not None and steps != ddim_steps:
+        raise UsageError(f"--steps {steps} and --ddim_steps {ddim_steps} disagree; give one")
+    given = steps if steps is not None else ddim_steps
+    if chosen:
+        name = chosen[0]
+    elif steps is None and ddim_steps is not None:
+        name = "ddim"  # CompVis: --ddim_steps alone is DDIM
+    else:
+        name = DEFAULT_SAMPLER
+    if given is None:
+        given = COMPVIS_STEPS if name in ("ddim", "plms") else DEFAULT_STEPS
+    return name, given
+
+
+def choose_model(ckpt: str | None, config: str | None) -> tuple[Path, str, bool]:
+    """(checkpoint, config, demo?): no checkpoint given and nothing at DEFAULT_CKPT means the built-in
+    demo model (with its own config unless one is given). An explicit checkpoint always wins."""
+    if ckpt is None and not Path(DEFAULT_CKPT).exists() and demo_available():
+        return DEMO_CKPT, config or str(DEMO_CONFIG), True
+    return Path(ckpt or DEFAULT_CKPT).expanduser(), config or DEFAULT_CONFIG, False
+
+
+def _encodable(text: str) -> bool:
+    """False for lone surrogates (bytes the terminal could not decode): they cannot go into a PNG."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _check_text(flag: str, text: str) -> None:
+    if not isinstance(text, str) or "\0" in text or not _encodable(text):
+        raise UsageError(f"{flag}: not valid text (a NUL or undecodable bytes from the terminal?)")
+
+
+@dataclass(frozen=True)
+class Generation:
+    """What to generate: prompts, sampling, size, count and seeds; everything that decides the pixels."""
+
+    prompts: tuple[str, ...]  # the prompt, or every prompt of --from-file
+    from_file: bool = False  # batching: file prompts go n_samples at a time; one prompt fills a batch
+    negative_prompt: str = ""
+    sampler: str = DEFAULT_SAMPLER
+    steps: int = DEFAULT_STEPS
+    scale: float = DEFAULT_SCALE
+    eta: float = 0.0  # what the sampler runs with (Euler a's 0 means its standard 1)
+    seed: int = DEFAULT_SEED
+    fixed_code: bool = False
+    height: int = DEFAULT_SIZE
+    width: int = DEFAULT_SIZE
+    latent_channels: int = 4  # --C, must be the model's
+    factor: int = 8  # --f, must be the VAE's
+    n_samples: int = 1
+    n_iter: int = 1
+    watermark: bool = True  # asked for; images under 256x256 go without it (recorded per image)
+
+    def __post_init__(self) -> None:
+        from sd_cli.sampling.samplers import get_sampler
+
+        if not self.prompts:
+            raise UsageError("nothing to draw: no prompt")
+        for prompt in self.prompts:
+            _check_text("--prompt", prompt)
+        _check_text("--negative-prompt", self.negative_prompt)
+        for name, value in (("H", self.height), ("W", self.width)):
+            if value < 8 or value % 8:
+                raise UsageError(f"--{name} {value}: must be a positive multiple of 8")
+        if self.height * self.width > MAX_PIXELS:
+            raise UsageError(f"--H {self.height} --W {self.width}: larger than 4096x4096 is not supported")
+        if not 1 <= self.steps <= 1000:
+            raise UsageError(f"--steps {self.steps}: must be between 1 and 1000")
+        for name in ("n_samples", "n_iter"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name} {getattr(self, name)}: must be at least 1")
+        if not 0 <= self.seed < SEED_LIMIT:
+            raise UsageError(f"--seed {self.seed}: must be between 0 and 2**63-1")
+        if not math.isfinite(self.scale):
+            raise UsageError(f"--scale {self.scale}: must be a finite number")
+        info = get_sampler(self.sampler)
+        if self.sampler == "plms" and self.eta != 0:
+            raise UsageError("--plms needs --ddim_eta 0 (PLMS is deterministic)")
+        try:
+            if info.resolve_eta(self.eta) != self.eta:
+                raise UsageError(f"eta {self.eta} is not what {self.sampler} runs with; build with Generation.create")
+        except UsageError as err:
+            raise UsageError(f"--ddim_eta {self.eta}: {err}") from None
+
+    @classmethod
+    def create(cls, prompts: list[str] | tuple[str, ...], *, demo: bool = False, sampler: str | None = None,
+               steps: int | None = None, ddim_steps: int | None = None, plms: bool = False,
+               dpm_solver: bool = False, eta: float | None = 0.0, scale: float | None = None,
+               height: int | None = None, width: int | None = None, **rest) -> "Generation":
+        """The settings with the tool's defaults filled in: the sampler/step rule, the sampler's own eta,
+        and 512x512 at guidance 7.5 (64x64 at guidance 3 for the demo model) where None is given."""
+        from sd_cli.sampling.samplers import get_sampler
+
+        for flag, value in (("--steps", steps), ("--ddim_steps", ddim_steps)):
+            if value is not None and not 1 <= value <= 1000:
+                raise UsageError(f"{flag} {value}: must be between 1 and 1000")
+        name, n_steps = resolve_sampling(sampler, steps, ddim_steps, plms, dpm_solver)
+        if name == "plms" and eta:
+            raise UsageError("--plms needs --ddim_eta 0 (PLMS is deterministic)")
+        try:
+            run_eta = get_sampler(name).resolve_eta(eta)  # e.g. Euler a's standard eta is 1
+        except UsageError as err:
+            raise UsageError(f"--ddim_eta {eta}: {err}") from None
+        size = SIZE if demo else DEFAULT_SIZE
+        return cls(tuple(prompts), sampler=name, steps=n_steps, eta=run_eta,
+                   scale=scale if scale is not None else (GUIDANCE if demo else DEFAULT_SCALE),
+                   height=height if height is not None else size, width=width if width is not None else size,
+                   **rest)
+
+    @property
+    def watermarked(self) -> bool:
+        """Whether the images carry the watermark: asked for, and big enough for imwatermark."""
+        from sd_cli.output.watermark import WATERMARK_MIN_PIXELS
+
+        return self.watermark and self.height * self.width >= WATERMARK_MIN_PIXELS
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where to run: which weights and config, on which device, in which dtype, with how many threads."""
+
+    ckpt: Path
+    config: str = DEFAULT_CONFIG
+    demo: bool = False  # the built-in demo model (said once on stderr)
+    device: str | None = None  # auto | cpu | cuda; None: the config's
+    dtype: str | None = None  # auto | fp32 | bf16 | fp16; None: from precision / the config
+    precision: str | None = None  # CompVis' full | autocast
+    threads: int | None = None  # CPU threads; None: the physical cores
+    vae_tiling: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.threads is not None and not 1 <= self.threads <= 1024:
+            raise UsageError(f"--threads {self.threads}: must be between 1 and 1024")
+        if self.dtype not in (None, *DTYPE_CHOICES):
+            raise UsageError(f"--dtype {self.dtype}: choose one of {', '.join(DTYPE_CHOICES)}")
+        if self.device not in (None, "auto", "cpu", "cuda"):
+            raise UsageError(f"--device {self.device}: choose auto, cpu or cuda")
+        if self.vae_tiling not in VAE_TILING:
+            raise UsageError(f"--vae-tiling {self.vae_tiling}: choose one of {', '.join(VAE_TILING)}")
+
+
+@dataclass(frozen=True)
+class Output:
+    """Where to write: the folder, which files, --resume, and what goes to stdout/stderr."""
+
+    outdir: Path
+    skip_grid: bool = False
+    skip_save: bool = False
+    n_rows: int = 0  # images per grid row; 0: n_samples
+    resume: bool = False
+    json: bool = False
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        if self.n_rows < 0:
+            raise UsageError(f"--n_rows {self.n_rows}: must be 0 (same as --n_samples) or more")
+        if self.skip_save and self.skip_grid:
+            raise UsageError("--skip_save with --skip_grid would write nothing")
+        if self.resume and self.skip_save:
+            raise UsageError("--resume finds finished images in OUTDIR/samples; it cannot be combined with --skip_save")
+
+    @property
+    def sample_dir(self) -> Path:
+        return self.outdir / "samples"

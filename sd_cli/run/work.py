@@ -1,0 +1,64 @@
+"""The work plan: which batches a run makes, in which order, with which seed and metadata.
+
+One place builds the work items for the CLI, torchrun, --resume and the Python API. Item j is one batch
+of the one-process loop: iteration n, batch b, j = n * (batches per iteration) + b. Its seed is seed + j
+(the seed itself with --fixed_code), so every executor computes the same noise for an item. A --from-file
+run batches its prompts n_samples at a time (the last batch may be smaller); a single prompt fills a
+batch of n_samples. Items are built when asked for (`WorkPlan[j]`), never all at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sd_cli.run.settings import Generation
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One batch: its prompts, seed, and each image's metadata (what its PNG records)."""
+
+    index: int  # j: position in the one-process order
+    iteration: int
+    prompts: tuple[str, ...]
+    seed: int
+    metas: tuple[dict, ...]
+
+
+def batches(gen: Generation) -> list[tuple[str, ...]]:
+    """The batches of one iteration."""
+    if not gen.from_file:
+        return [tuple(gen.prompts[:1]) * gen.n_samples]
+    n = gen.n_samples
+    return [tuple(gen.prompts[i : i + n]) for i in range(0, len(gen.prompts), n)]
+
+
+class WorkPlan(Sequence):
+    """The run's work items in one-process order, built lazily from the settings and base metadata."""
+
+    def __init__(self, gen: Generation, base: dict):
+        self.gen, self.base = gen, base
+        self.batches = batches(gen)
+
+    def __len__(self) -> int:
+        return self.gen.n_iter * len(self.batches)
+
+    def __getitem__(self, j: int) -> WorkItem:  # type: ignore[override]
+        if not 0 <= j < len(self):
+            raise IndexError(j)
+        gen = self.gen
+        n, b = divmod(j, len(self.batches))
+        prompts = self.batches[b]
+        seed = gen.seed + (0 if gen.fixed_code else j)
+        metas = tuple({**self.base, "prompt": prompt, "seed": seed, "batch_size": len(prompts), "batch_index": i,
+                       "n_samples": gen.n_samples, "iteration": n, "watermark": gen.watermarked}
+                      for i, prompt in enumerate(prompts))
+        return WorkItem(j, n, prompts, seed, metas)
+
+
+def grid_metadata(gen: Generation, base: dict, watermarked: bool) -> dict:
+    """The sd_cli metadata of the run's grid."""
+    prompts = list(gen.prompts)
+    return {**base, "prompt": prompts[0] if len(prompts) == 1 else prompts, "seed": gen.seed,
+            "n_iter": gen.n_iter, "n_samples": gen.n_samples, "grid": True, "watermark": watermarked}

@@ -234,7 +234,7 @@ def run_cases(r: Runner) -> dict[str, dict]:
     d = new("c_resume")
     first = r.run(d, BATCH)
     for name in ("samples/00001.png", "samples/00006.png", "grid-0000.png"):
-        (d / "outputs/txt2img-samples" / name).unlink()
+        (d / "outputs/txt2img-samples" / name).unlink(missing_ok=True)  # gone if the run failed
     case("c_resume", first, r.run(d, [*BATCH, "--resume"]))
     d = new("d_plms")
     case("d_plms", r.run(d, ["--plms", "--steps", "10", "--seed", "7", "--negative-prompt", "red",
@@ -248,7 +248,9 @@ def run_cases(r: Runner) -> dict[str, dict]:
     step["argv"][launcher.index("--master_port") + 1] = "<PORT>"
     case("e_torchrun", step)
     d = new("f_replay")
-    shutil.copy(folders["a_demo_default"] / "outputs/txt2img-samples/samples/00000.png", d / "a_00000.png")
+    source = folders["a_demo_default"] / "outputs/txt2img-samples/samples/00000.png"
+    if source.exists():  # else case a failed, and so does this one
+        shutil.copy(source, d / "a_00000.png")
     case("f_replay", r.run(d, ["--replay", "a_00000.png", "--outdir", "replayed", "--json"]))
     d = new("g_checkpoint")
     write_micro_checkpoint(d)

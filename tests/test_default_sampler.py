@@ -24,7 +24,8 @@ import torch
 
 from test_samplers import AC, GaussianEps, _noise
 
-from sd_cli.cli import COMPVIS_STEPS, DEFAULT_SAMPLER, DEFAULT_STEPS, build_parser, resolve_sampling
+from sd_cli.cli.parser import build_parser
+from sd_cli.run.settings import COMPVIS_STEPS, DEFAULT_SAMPLER, DEFAULT_STEPS, resolve_sampling
 from sd_cli.errors import UsageError
 from sd_cli.sampling.samplers import SAMPLERS
 
@@ -75,7 +76,7 @@ def test_fewer_steps_are_not_safe_under_strong_guidance(errors):
 
 def _resolve(*argv):
     args = build_parser().parse_args(list(argv))
-    return resolve_sampling(args)
+    return resolve_sampling(args.sampler, args.steps, args.ddim_steps, args.plms, args.dpm_solver)
 
 
 @pytest.mark.parametrize(

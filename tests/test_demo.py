@@ -15,7 +15,8 @@ from PIL import Image
 
 from conftest import REPO
 from sd_cli.demo import scenes as D
-from sd_cli.cli import DEMO_DIR, main
+from sd_cli.cli import main
+from sd_cli.demo import DEMO_DIR
 
 CKPT = DEMO_DIR / "demo.safetensors"
 CONFIG = DEMO_DIR / "demo.yaml"
@@ -137,7 +138,7 @@ def test_training_tool_is_deterministic_and_exports_a_loadable_model(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from sd_cli.run import train_demo
+    from sd_cli.cli import train_demo
     from sd_cli.weights.config import load_config
     from sd_cli.weights.loading import load_model
 

@@ -14,17 +14,19 @@ import torch
 from torch import nn
 
 from sd_cli.model.layers import norm_groups
-from sd_cli.sampling.schedule import LDM_BUFFER_NAMES, ldm_buffers
+from sd_cli.sampling.schedule import LDM_BUFFER_NAMES, LINEAR_END, LINEAR_START, NUM_TIMESTEPS, ldm_buffers
 from sd_cli.model.text_encoder import FrozenCLIPEmbedder, TextEncoderConfig
 from sd_cli.model.unet import UNetConfig, UNetModel
 from sd_cli.model.vae import AutoencoderKL, VAEConfig
 
+SD_SCALE_FACTOR = 0.18215  # SD v1's latent scale (VAE latents times this have about unit variance)
+
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    linear_start: float = 0.00085
-    linear_end: float = 0.012
-    timesteps: int = 1000
+    linear_start: float = LINEAR_START
+    linear_end: float = LINEAR_END
+    timesteps: int = NUM_TIMESTEPS
 
 
 @dataclass(frozen=True)
@@ -33,7 +35,7 @@ class ModelConfig:
     vae: VAEConfig = field(default_factory=VAEConfig)
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    scale_factor: float = 0.18215
+    scale_factor: float = SD_SCALE_FACTOR
     norm_groups: int = 32  # GroupNorm groups in UNet and VAE (SD v1: 32; not stored in checkpoints)
 
     @property

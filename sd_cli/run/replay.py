@@ -23,7 +23,6 @@ goes to OUTDIR/samples with the original metadata (device, dtype and `replay_of`
 
 from __future__ import annotations
 
-import argparse
 import io
 import math
 import sys
@@ -35,33 +34,13 @@ import numpy as np
 
 from sd_cli.version import __version__
 from sd_cli.errors import CheckpointError, SdCliError, UsageError
+from sd_cli.output.watermark import WATERMARK_MIN_PIXELS
+from sd_cli.run.settings import MAX_BATCH, MAX_PIXELS, SEED_LIMIT
 
-# Flags whose values come from the image; giving one with --replay is a usage error.
-GENERATION_DESTS = frozenset({
-    "prompt", "negative_prompt", "from_file", "laion400m", "sampler", "plms", "dpm_solver", "ddim_steps", "steps",
-    "ddim_eta", "scale", "seed", "fixed_code", "H", "W", "C", "f", "n_samples", "n_iter", "n_rows",
-    "skip_grid", "skip_save", "no_watermark", "resume",
-})
-MAX_BATCH = 256
-MAX_PIXELS = 4096 * 4096
 
 
 class ReplayError(SdCliError):
     """The image cannot be replayed (unreadable, no or bad metadata)."""
-
-
-def given_options(argv: list[str] | None) -> dict[str, str]:
-    """{dest: flag as typed on the command line} for the options actually given in `argv`."""
-    from sd_cli.cli import build_parser
-
-    parser = build_parser()
-    flags = {}
-    for action in parser._actions:  # argparse has no public API for "was this option given?"
-        action.default = argparse.SUPPRESS
-        if action.option_strings:
-            flags[action.dest] = action.option_strings[0]
-    given = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    return {dest: flags.get(dest, dest) for dest in vars(given)}
 
 
 @dataclass(frozen=True)
@@ -139,7 +118,7 @@ def parse_recorded(meta: dict, path: Path) -> Recorded:
     problems = []
     if rec.sampler not in SAMPLERS:
         problems.append(f"unknown sampler {rec.sampler!r:.40}")
-    if not 0 <= rec.seed < 2**63:
+    if not 0 <= rec.seed < SEED_LIMIT:
         problems.append(f"seed {rec.seed} out of range")
     if not 1 <= rec.steps <= 1000:
         problems.append(f"steps {rec.steps} out of range")
@@ -203,128 +182,134 @@ def compare(a: np.ndarray, b: np.ndarray) -> dict:
     }
 
 
-def replay(args: argparse.Namespace, argv: list[str] | None, state) -> int:
-    """Run `--replay`; returns 0 (identical pixels) or 1 (different). Errors raise SdCliError."""
-    from sd_cli.cli import a1111_text, missing_checkpoint_message, print_json, resolve_runtime
 
-    info = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
-    warn = lambda msg: print(f"warning: {msg}", file=sys.stderr)  # noqa: E731
 
-    # 1. What to replay.
-    given = given_options(argv)
-    bad = sorted(flag for dest, flag in given.items() if dest in GENERATION_DESTS)
-    if bad:
-        raise UsageError(f"--replay takes prompt, seed and every setting from the image; drop {', '.join(bad)}")
-    write_dir = Path(args.outdir) / "samples" if "outdir" in given else None
-    path = Path(args.replay)
-    text, meta, original = read_image(path)
-    rec = parse_recorded(meta, path)
-    if original.shape != (rec.height, rec.width, 3):
-        raise ReplayError(f"--replay {path}: the image is {original.shape[1]}x{original.shape[0]} but its metadata "
-                          f"says {rec.width}x{rec.height} (resized or cropped since?)")
-    if write_dir is not None:
-        from sd_cli.output.png import ensure_writable_dir
+@dataclass(frozen=True)
+class ReplayRequest:
+    """What `--replay` checks: the image, whether a model-hash mismatch is allowed, where to write the
+    regenerated image (None: nowhere), and the VAE decode mode (None: as recorded)."""
 
-        ensure_writable_dir(write_dir)
+    image: Path
+    force: bool = False
+    write_dir: Path | None = None
+    vae_tiling: str | None = None
+    json: bool = False
+    quiet: bool = False
 
-    # 2. Model: the same file (by hash), then the same config, device and precision rules as a run.
-    cfg, device, dtype = resolve_runtime(args)
-    ckpt = Path(args.ckpt).expanduser()
-    if not ckpt.exists():
-        raise CheckpointError(missing_checkpoint_message(args.ckpt))
-    from sd_cli.weights.checkpoint import short_hash
 
-    model_hash = short_hash(ckpt)
-    if model_hash != rec.model_hash:
-        why = (f"{path} was made with model hash {rec.model_hash} ({rec.model_name}) but --ckpt {ckpt} has hash "
-               f"{model_hash}")
-        if not args.force:
+def _engine(req: ReplayRequest, runtime, rec: Recorded, log):
+    """The model as the image was made: the run's thread count and VAE decode unless given otherwise,
+    and the same checkpoint by hash (`--force` goes on with a warning)."""
+    from dataclasses import replace
+
+    from sd_cli.run.api import StableDiffusion
+
+    runtime = replace(runtime, threads=runtime.threads or rec.threads, vae_tiling=req.vae_tiling or rec.vae_tiling)
+    sd = StableDiffusion(runtime, log=log)
+    if sd.model_hash != rec.model_hash:
+        why = (f"{req.image} was made with model hash {rec.model_hash} ({rec.model_name}) but --ckpt "
+               f"{runtime.ckpt} has hash {sd.model_hash}")
+        if not req.force:
             raise CheckpointError(f"{why}; pass that model's file as --ckpt, or add --force to replay anyway")
-        warn(f"{why}; replaying anyway (--force)")
-    dtype_name = str(dtype).replace("torch.", "")
-    if (device.type, dtype_name) != (rec.device, rec.dtype):
-        info(f"recorded on {rec.device} in {rec.dtype}, replaying on {device.type} in {dtype_name}: "
-             "expect small differences")
+        log.warn(f"{why}; replaying anyway (--force)")
+    if (sd.device.type, sd.dtype_name) != (rec.device, rec.dtype):
+        log.info(f"recorded on {rec.device} in {rec.dtype}, replaying on {sd.device.type} in {sd.dtype_name}: "
+                 "expect small differences")
+    if rec.threads and sd.threads and sd.threads != rec.threads:
+        log.info(f"recorded with {rec.threads} CPU threads, replaying with {sd.threads}: expect last-bit differences")
+    return sd
 
-    import torch
+
+def _regenerate(sd, rec: Recorded, path: Path, quiet: bool) -> dict[bool, np.ndarray]:
+    """The image's whole batch made again through the render path; {watermarked?: pixels} for the
+    options the metadata allows (an image from before the `watermark` field tries both)."""
     from tqdm import tqdm
 
-    from sd_cli.output.watermark import WATERMARK_MIN_PIXELS, apply_watermark
-    from sd_cli.weights.loading import load_model
-    from sd_cli.pipeline.generate import Pipeline, initial_noise
+    from sd_cli.output.watermark import apply_watermark
+    from sd_cli.run.settings import Generation
+    from sd_cli.run.work import WorkItem
 
-    threads = None
-    if device.type == "cpu":  # the run's thread count, unless --threads says otherwise
-        from sd_cli.weights.precision import set_threads
-
-        asked = getattr(args, "threads", None)
-        threads = set_threads(asked or rec.threads)
-        if rec.threads and threads != rec.threads:
-            info(f"recorded with {rec.threads} CPU threads, replaying with {threads}: expect last-bit differences")
-    t0 = time.perf_counter()
-    info(f"loading {ckpt} ({dtype_name} on {device}{f', {threads} threads' if threads else ''}) ...")
-    model = load_model(cfg.model, ckpt, device=device, dtype=dtype)
-    tiling = rec.vae_tiling  # decoded as the run did,
-    if "vae_tiling" in given:  # unless --vae-tiling says otherwise
-        tiling = args.vae_tiling
+    m = sd.config.model
     try:
-        pipe = Pipeline(model, device, on_warning=warn, vae_tiling=tiling)
-    except TypeError:  # a Pipeline without VAE tiling
-        pipe = Pipeline(model, device, on_warning=warn)
-
-    # 3. The batch, as the run made it.
-    f = cfg.model.downscale
-    generator = torch.Generator("cpu").manual_seed(rec.seed)
-    noise = initial_noise(generator, rec.n_samples, cfg.model.latent_channels, rec.height, rec.width, f)
-    bar = tqdm(total=rec.steps, desc=f"replaying {rec.sampler}", unit="step", leave=False, disable=args.quiet,
+        gen = Generation((rec.prompt,), negative_prompt=rec.negative_prompt, sampler=rec.sampler, steps=rec.steps,
+                         scale=rec.scale, eta=rec.eta, seed=rec.seed, height=rec.height, width=rec.width,
+                         latent_channels=m.latent_channels, factor=m.downscale, n_samples=rec.n_samples,
+                         watermark=False)
+    except UsageError as err:
+        raise ReplayError(f"{path}: its sd_cli metadata cannot be replayed: {err}") from None
+    item = WorkItem(0, 0, (rec.prompt,) * rec.batch_size, rec.seed, ())
+    bar = tqdm(total=rec.steps, desc=f"replaying {rec.sampler}", unit="step", leave=False, disable=quiet,
                file=sys.stderr)
-    images = pipe.generate(
-        [rec.prompt] * rec.batch_size,
-        noise[: rec.batch_size],
-        negative_prompt=rec.negative_prompt,
-        sampler=rec.sampler,
-        steps=rec.steps,
-        scale=rec.scale,
-        eta=rec.eta,
-        generator=generator,
-        callback=lambda i, tot, x: (setattr(bar, "total", tot), bar.update(1)),
-    )
+    img = sd.render(gen, item, lambda i, tot, x: (setattr(bar, "total", tot), bar.update(1)))[rec.batch_index]
     bar.close()
-    img = images[rec.batch_index]
-
-    # 4. Watermark as recorded (unknown: whichever of the two matches better).
     can_mark = rec.width * rec.height >= WATERMARK_MIN_PIXELS
     options = {False: img}
     if rec.watermark or (rec.watermark is None and can_mark):
         options[True] = apply_watermark(img)
     if rec.watermark is not None:
         options = {rec.watermark: options[rec.watermark]}
+    return options
+
+
+def _write(req: ReplayRequest, sd, rec: Recorded, meta: dict, text: str | None, img: np.ndarray, marked: bool,
+           state) -> Path:
+    """The regenerated image into OUTDIR/samples, with the original metadata (device, dtype, threads,
+    watermark and `replay_of` updated)."""
+    from sd_cli.output.a1111 import a1111_text
+    from sd_cli.output.png import SAMPLE_PATTERN, save_png
+    from sd_cli.run.resume import deferred_interrupt
+    from sd_cli.sampling.samplers import get_sampler
+
+    new_meta = {**meta, "device": sd.device.type, "dtype": sd.dtype_name, "threads": sd.threads,
+                "sd_cli_version": __version__, "watermark": marked, "replay_of": str(req.image)}
+    try:
+        params = a1111_text(new_meta, get_sampler(rec.sampler).schedule)
+    except (KeyError, ValueError):
+        params = text or rec.prompt
+    with deferred_interrupt():
+        written = save_png(req.write_dir, SAMPLE_PATTERN, img, parameters=params, metadata=new_meta)
+        state.images.append({"path": str(written), **new_meta})
+    return written
+
+
+def replay(req: ReplayRequest, runtime, state) -> int:
+    """Run `--replay`; returns 0 (identical pixels) or 1 (different). Errors raise SdCliError."""
+    from sd_cli.run.report import Log
+
+    log = Log(req.quiet)
+    path = req.image
+    text, meta, original = read_image(path)
+    rec = parse_recorded(meta, path)
+    if original.shape != (rec.height, rec.width, 3):
+        raise ReplayError(f"--replay {path}: the image is {original.shape[1]}x{original.shape[0]} but its metadata "
+                          f"says {rec.width}x{rec.height} (resized or cropped since?)")
+    if req.write_dir is not None:
+        from sd_cli.output.png import ensure_writable_dir
+
+        ensure_writable_dir(req.write_dir)
+    sd = _engine(req, runtime, rec, log)
+    t0 = time.perf_counter()
+    sd.pipeline()
+    options = _regenerate(sd, rec, path, req.quiet)
     results = {marked: compare(candidate, original) for marked, candidate in options.items()}
     marked = min(results, key=lambda m: (not results[m]["identical"], results[m]["mean_abs_diff"]))
     result, chosen = results[marked], options[marked]
-
-    # 5. Report (and write, if asked).
     bytes_identical = None
     if result["identical"] and text is not None:
         try:
             bytes_identical = png_bytes(chosen, text, meta) == path.read_bytes()
         except Exception:  # noqa: BLE001 - the byte check is a bonus; the pixel verdict stands
             bytes_identical = None
-    written = None
-    if write_dir is not None:
-        from sd_cli.output.png import SAMPLE_PATTERN, save_png
-        from sd_cli.run.resume import deferred_interrupt
-        from sd_cli.sampling.samplers import get_sampler
+    written = _write(req, sd, rec, meta, text, chosen, marked, state) if req.write_dir is not None else None
+    log.info(f"replayed in {time.perf_counter() - t0:.1f} s")
+    _report(req, sd, rec, result, bytes_identical, marked, written)
+    return 0 if result["identical"] else 1
 
-        new_meta = {**meta, "device": device.type, "dtype": dtype_name, "threads": threads,
-                    "sd_cli_version": __version__, "watermark": marked, "replay_of": str(path)}
-        try:
-            params = a1111_text(new_meta, get_sampler(rec.sampler).schedule)
-        except (KeyError, ValueError):
-            params = text or rec.prompt
-        with deferred_interrupt():
-            written = save_png(write_dir, SAMPLE_PATTERN, chosen, parameters=params, metadata=new_meta)
-            state.images.append({"path": str(written), **new_meta})
+
+def _report(req: ReplayRequest, sd, rec: Recorded, result: dict, bytes_identical, marked: bool, written) -> None:
+    from sd_cli.run.report import print_json
+
+    path = req.image
     what = (f"{rec.width}x{rec.height}, seed {rec.seed}, {rec.sampler} {rec.steps} steps, "
             f"image {rec.batch_index + 1} of {rec.batch_size}")
     if result["identical"]:
@@ -334,25 +319,20 @@ def replay(args: argparse.Namespace, argv: list[str] | None, state) -> int:
     else:
         verdict = (f"differs: {path}: mean abs difference {result['mean_abs_diff']:.4f}, max {result['max_abs_diff']} "
                    f"(0-255 scale), {100 * result['differing_pixels']:.2f}% of pixels differ ({what}; recorded on "
-                   f"{rec.device} {rec.dtype}, replayed on {device.type} {dtype_name})")
+                   f"{rec.device} {rec.dtype}, replayed on {sd.device.type} {sd.dtype_name})")
     if written is not None:
         verdict += f"; regenerated image written to {written}"
-    info(f"replayed in {time.perf_counter() - t0:.1f} s")
-    if args.json:
-        if not args.quiet:
-            print(verdict, file=sys.stderr)
-        print_json({
-            "ok": result["identical"],
-            **result,
-            "bytes_identical": bytes_identical,
-            "image": str(path),
-            "watermark": marked,
-            "recorded": {"device": rec.device, "dtype": rec.dtype, "threads": rec.threads,
-                         "model_hash": rec.model_hash},
-            "replayed": {"device": device.type, "dtype": dtype_name, "threads": threads, "model_hash": model_hash},
-            "written": str(written) if written is not None else None,
-        })
-    else:
+    if not req.json:
         print(verdict)
         sys.stdout.flush()
-    return 0 if result["identical"] else 1
+        return
+    if not req.quiet:
+        print(verdict, file=sys.stderr)
+    print_json({
+        "ok": result["identical"], **result, "bytes_identical": bytes_identical, "image": str(path),
+        "watermark": marked,
+        "recorded": {"device": rec.device, "dtype": rec.dtype, "threads": rec.threads, "model_hash": rec.model_hash},
+        "replayed": {"device": sd.device.type, "dtype": sd.dtype_name, "threads": sd.threads,
+                     "model_hash": sd.model_hash},
+        "written": str(written) if written is not None else None,
+    })

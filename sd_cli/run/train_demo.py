@@ -1,4 +1,4 @@
-"""Train the built-in demo model from scratch: `python -m sd_cli.train_demo --help`.
+"""Train the built-in demo model from scratch (`python -m sd_cli.train_demo --help`; flags: sd_cli/cli/train_demo.py).
 
 Two stages, plain PyTorch (no pytorch-lightning: two short loops need no framework, and the tool stays
 dependency-free and bit-for-bit deterministic for a seed on a given machine and thread count):
@@ -20,19 +20,21 @@ Held-out scenes (sd_cli.demo_data.held_out) never appear in training.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
 import shutil
 import sys
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sd_cli.demo import DEMO_CKPT, DEMO_CONFIG, DEMO_DIR
+from sd_cli.sampling.schedule import LINEAR_END, LINEAR_START, NUM_TIMESTEPS
 from sd_cli.demo import scenes as D
 
 # The demo model: SD v1's layout (4 UNet levels, 2 res blocks, attention at 4/2/1, a CLIP text tower,
@@ -44,7 +46,7 @@ DEMO_MODEL = {
     "family": "sd1",
     "scale_factor": None,  # measured
     "norm_groups": 8,  # SD's 32 groups on 32 channels would be per-channel norms that erase flat colors
-    "schedule": {"linear_start": 0.00085, "linear_end": 0.012, "timesteps": 1000},
+    "schedule": {"linear_start": LINEAR_START, "linear_end": LINEAR_END, "timesteps": NUM_TIMESTEPS},
     "unet": {
         "in_channels": 4, "out_channels": 4, "model_channels": 32, "attention_resolutions": [4, 2, 1],
         "num_res_blocks": 2, "channel_mult": [1, 2, 2, 2], "num_heads": 4, "transformer_depth": 1,
@@ -59,7 +61,7 @@ DEMO_MODEL = {
         "num_attention_heads": 4, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
     },
 }
-DEFAULT_OUT = Path(__file__).resolve().parent / "demo"
+DEFAULT_OUT = DEMO_DIR
 YAML_HEADER = """\
 # The built-in demo model of sd-txt2img: a tiny Stable Diffusion v1-layout model trained from scratch on
 # 64x64 synthetic scenes ("a red circle on a blue background"). Retrain: python -m sd_cli.train_demo
@@ -337,117 +339,76 @@ def export(workdir: Path, out: Path, extra: dict | None = None) -> Path:
         else:
             sd[k] = v.to(torch.float16).contiguous()
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "demo.safetensors"
+    path = out / DEMO_CKPT.name
     save_file(sd, str(path), metadata={"format": "pt", "sd_cli_demo": "1", "step": str(snap["step"])})
     path.chmod(0o644)
     info = {"unet steps": snap["step"], **(extra or {})}
     mdict = json.loads(snap["model"]) if "model" in snap else None
-    (out / "demo.yaml").write_text(yaml_text(snap["scale_factor"], info, mdict))
-    log(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB) and {out / 'demo.yaml'}")
+    (out / DEMO_CONFIG.name).write_text(yaml_text(snap["scale_factor"], info, mdict))
+    log(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB) and {out / DEMO_CONFIG.name}")
     return path
 
 
 # ----------------------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m sd_cli.train_demo",
-        description="Retrain sd-txt2img's built-in demo model (64x64 shapes) from scratch on the CPU: "
-                    "VAE first, then UNet + text encoder. Deterministic for a seed (same machine, same --threads).",
-        epilog="default run (~1 h on 2 idle cores): python -m sd_cli.train_demo --workdir runs/demo\n"
-               "UNet only, on an existing runs/demo/vae.pt: python -m sd_cli.train_demo --stage unet\n"
-               "then measure:    python -m sd_cli.eval_demo",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--stage", choices=("all", "vae", "unet", "export"), default="all",
-                   help="all: vae then unet then export; unet: reuse <workdir>/vae.pt; export: write the latest "
-                        "<workdir>/unet.pt snapshot to --out (default: %(default)s)")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where demo.safetensors + demo.yaml go (default: the package's sd_cli/demo)")
-    p.add_argument("--workdir", type=Path, default=Path("runs/demo"), help="intermediate checkpoints (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: the physical cores; on an idle 2-core machine 2 threads make a "
-                        "UNet step 0.44 s; on a busy one use 1, since 2 threads then wait for each other)")
-    p.add_argument("--precision", choices=("bf16", "fp32"), default="fp32",
-                   help="training compute: bf16 autocast or plain fp32 (default: %(default)s); weights stay fp32")
-    p.add_argument("--vae-steps", type=int, default=800)
-    p.add_argument("--vae-batch", type=int, default=4)
-    p.add_argument("--vae-lr", type=float, default=2e-3)
-    p.add_argument("--vae2-steps", type=int, default=800,
-                   help="with --stage all: a second VAE phase of this many steps (0: none) (default: %(default)s)")
-    p.add_argument("--vae2-batch", type=int, default=8)
-    p.add_argument("--vae2-lr", type=float, default=1e-3)
-    p.add_argument("--vae-resume", action="store_true",
-                   help="with --stage vae: start from <workdir>/vae.pt and train --vae-steps more (a new phase)")
-    p.add_argument("--kl-weight", type=float, default=1e-5, help="weight of the per-element KL term (default: %(default)s)")
-    p.add_argument("--pool-per-scene", type=int, default=32, help="encoded renders per training scene (default: %(default)s)")
-    p.add_argument("--unet-steps", type=int, default=6000,
-                   help="UNet + text encoder steps of phase 1; the learning rate is constant after 100 warm-up steps, "
-                        "so the snapshot at step N equals a phase 1 of N steps (default: %(default)s)")
-    p.add_argument("--decay-steps", type=int, default=0,
-                   help="phase 2: this many more steps from phase 1's EMA weights (fresh optimizer and EMA), the "
-                        "learning rate warmed up again, then cosine down to --final-lr (0: no phase 2). Measured: "
-                        "4000 + 3000 steps fit the scenes so well that guidance adds nothing and 7.5 overshoots "
-                        "(default: %(default)s)")
-    p.add_argument("--final-lr", type=float, default=3e-5, help="end of phase 2's cosine (default: %(default)s)")
-    p.add_argument("--unet-batch", type=int, default=64)
-    p.add_argument("--unet-lr", type=float, default=1e-3)
-    p.add_argument("--text-lr", type=float, default=2e-3, help="learning rate of the text encoder (default: %(default)s)")
-    p.add_argument("--latent-std", type=float, default=0.3,
-                   help="std of the scaled latents the UNet learns (scale_factor = this / measured std). Below 1 the "
-                        "flat colors of these 8x8 latents are no longer readable through the noise at SD's highest "
-                        "timesteps, so the model has to take them from the caption (default: %(default)s)")
-    p.add_argument("--text-hidden", type=int, help="text encoder width = UNet context_dim (default: %d)" % DEMO_MODEL["text_encoder"]["hidden_size"])
-    p.add_argument("--text-layers", type=int, help="text encoder layers (default: %d)" % DEMO_MODEL["text_encoder"]["num_hidden_layers"])
-    p.add_argument("--text-heads", type=int, help="text encoder attention heads (default: %d)" % DEMO_MODEL["text_encoder"]["num_attention_heads"])
-    p.add_argument("--unet-channels", type=int, help="UNet model_channels (default: %d)" % DEMO_MODEL["unet"]["model_channels"])
-    p.add_argument("--unet-mult", help="UNet channel_mult, comma-separated (default: %s)" % ",".join(map(str, DEMO_MODEL["unet"]["channel_mult"])))
-    p.add_argument("--init-from", type=Path,
-                   help="with --stage unet: skip phase 1 and run phase 2 from this unet.pt snapshot (e.g. "
-                        "<workdir>/unet_phase1.pt)")
-    p.add_argument("--note", help="a line for the YAML header (e.g. how the run was made)")
-    p.add_argument("--probe-every", type=int, default=250,
-                   help="every N steps log the eps loss on a fixed batch with the right caption, with shape and "
-                        "background colors swapped, with random colors and with \"\" (0: never) (default: %(default)s)")
-    p.add_argument("--uncond-prob", type=float, default=0.1, help="caption dropout for guidance (default: %(default)s)")
-    p.add_argument("--ema", type=float, default=0.995, help="EMA decay of the exported weights (default: %(default)s)")
-    p.add_argument("--save-every", type=int, default=100, help="UNet snapshot every N steps (default: %(default)s)")
-    p.add_argument("--keep-every", type=int, default=0,
-                   help="also keep the snapshot of every N-th step as <workdir>/unet_<step>.pt, to evaluate how "
-                        "accuracy grows with training (0: keep none) (default: %(default)s)")
-    return p
+@dataclass(frozen=True)
+class TrainOptions:
+    """Every knob of a training run (the flags of `python -m sd_cli.train_demo`, sd_cli/cli/train_demo.py)."""
+
+    stage: str = 'all'
+    out: Path = DEFAULT_OUT
+    workdir: Path = Path("runs/demo")
+    seed: int = 0
+    threads: int | None = None
+    precision: str = 'fp32'
+    vae_steps: int = 800
+    vae_batch: int = 4
+    vae_lr: float = 0.002
+    vae2_steps: int = 800
+    vae2_batch: int = 8
+    vae2_lr: float = 0.001
+    vae_resume: bool = False
+    kl_weight: float = 1e-05
+    pool_per_scene: int = 32
+    unet_steps: int = 6000
+    decay_steps: int = 0
+    final_lr: float = 3e-05
+    unet_batch: int = 64
+    unet_lr: float = 0.001
+    text_lr: float = 0.002
+    latent_std: float = 0.3
+    text_hidden: int | None = None
+    text_layers: int | None = None
+    text_heads: int | None = None
+    unet_channels: int | None = None
+    unet_mult: str | None = None
+    init_from: Path | None = None
+    note: str | None = None
+    probe_every: int = 250
+    uncond_prob: float = 0.1
+    ema: float = 0.995
+    save_every: int = 100
+    keep_every: int = 0
+    model_dict: dict | None = None  # the model's sizes (from the text/unet flags, or --init-from)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.threads is None:
-        from sd_cli.weights.precision import default_threads
-
-        args.threads = default_threads()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    if args.stage == "export":
-        export(args.workdir, args.out)
-        return 0
-
+def _build_model(opts: TrainOptions):
+    """The demo model at its initial weights; (model, --init-from snapshot or None)."""
     from sd_cli.model.layers import norm_groups
     from sd_cli.model.ldm import LatentDiffusion
     from sd_cli.model.vae import AutoencoderKL
 
-    args.model_dict = model_dict(args)
     init = None
-    if args.init_from:  # phase 2 from a snapshot (its sizes, weights and scale factor)
-        init = torch.load(args.init_from, map_location="cpu", weights_only=True)
-        args.model_dict = json.loads(init["model"])
-    model = LatentDiffusion(model_config(1.0, args.model_dict))
+    if opts.init_from:  # phase 2 from a snapshot (its sizes, weights and scale factor)
+        init = torch.load(opts.init_from, map_location="cpu", weights_only=True)
+    model = LatentDiffusion(model_config(1.0, opts.model_dict))
     # The VAE's initial weights from their own seed, so they do not depend on the sizes of the parts built
     # before it (the UNet's and text encoder's random draws come first in LatentDiffusion).
     with norm_groups(model.cfg.norm_groups):
-        torch.manual_seed(args.seed + 100)
+        torch.manual_seed(opts.seed + 100)
         model.first_stage_model = AutoencoderKL(model.cfg.vae)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(opts.seed)
     with torch.no_grad():
         # zero-init the UNet's output conv (eps starts at 0), as LDM does
         model.model.diffusion_model.out[2].weight.zero_()
@@ -459,66 +420,89 @@ def main(argv: list[str] | None = None) -> int:
     n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     log(f"params: unet {n(model.model):,} vae {n(model.first_stage_model):,} text {n(model.cond_stage_model):,} "
         f"(fp16 file ~{2 * n(model) / 1e6:.1f} MB)")
-    stats: dict = {}
-    vae = model.first_stage_model
-    if args.stage in ("all", "vae"):
-        t0 = time.time()
-        phases = [(args.vae_steps, args.vae_batch, args.vae_lr)]
-        if args.vae_resume:  # a further VAE phase on top of <workdir>/vae.pt (e.g. at a lower learning rate)
-            before = torch.load(args.workdir / "vae.pt", map_location="cpu", weights_only=True)
-            vae.load_state_dict(before["vae"])
-            stats["vae_seconds"] = before.get("stats", {}).get("vae_seconds", 0.0)
-            stats["vae_phases"] = before.get("stats", {}).get("vae_phases", [])
-        elif args.stage == "all" and args.vae2_steps > 0:
-            phases.append((args.vae2_steps, args.vae2_batch, args.vae2_lr))
-        for i, (steps, batch, lr) in enumerate(phases):
-            if i > 0 or args.vae_resume:
-                torch.manual_seed(args.seed)
-            train_vae(args, vae, steps, batch, lr)
-            stats["vae_phases"] = stats.get("vae_phases", []) + [{"steps": steps, "batch": batch, "lr": lr}]
-        stats["vae_seconds"] = round(stats.get("vae_seconds", 0.0) + time.time() - t0, 1)
-        stats["vae_heldout_recon_accuracy"] = check_vae(vae)
-        torch.save({"vae": vae.state_dict(), "stats": stats}, args.workdir / "vae.pt")
-        log(f"vae done: {stats}")
-        if args.stage == "vae":
-            return 0
-    saved = torch.load(args.workdir / "vae.pt", map_location="cpu", weights_only=True)
-    vae.load_state_dict(saved["vae"])
-    vae.eval()
-    stats = {**saved.get("stats", {}), **stats}
+    return model, init
 
+
+def _vae_stage(opts: TrainOptions, vae, stats: dict) -> None:
+    """Stage 1: the VAE phases, then <workdir>/vae.pt with its held-out reconstruction accuracy."""
     t0 = time.time()
-    pool = encode_pool(args, vae)
-    z = pool[0] + pool[1] * torch.randn(pool[0].shape, generator=torch.Generator().manual_seed(args.seed))
-    scale_factor = float(f"{args.latent_std / z.std().item():.5g}") if init is None else init["scale_factor"]
+    phases = [(opts.vae_steps, opts.vae_batch, opts.vae_lr)]
+    if opts.vae_resume:  # a further VAE phase on top of <workdir>/vae.pt (e.g. at a lower learning rate)
+        before = torch.load(opts.workdir / "vae.pt", map_location="cpu", weights_only=True)
+        vae.load_state_dict(before["vae"])
+        stats["vae_seconds"] = before.get("stats", {}).get("vae_seconds", 0.0)
+        stats["vae_phases"] = before.get("stats", {}).get("vae_phases", [])
+    elif opts.stage == "all" and opts.vae2_steps > 0:
+        phases.append((opts.vae2_steps, opts.vae2_batch, opts.vae2_lr))
+    for i, (steps, batch, lr) in enumerate(phases):
+        if i > 0 or opts.vae_resume:
+            torch.manual_seed(opts.seed)
+        train_vae(opts, vae, steps, batch, lr)
+        stats["vae_phases"] = stats.get("vae_phases", []) + [{"steps": steps, "batch": batch, "lr": lr}]
+    stats["vae_seconds"] = round(stats.get("vae_seconds", 0.0) + time.time() - t0, 1)
+    stats["vae_heldout_recon_accuracy"] = check_vae(vae)
+    torch.save({"vae": vae.state_dict(), "stats": stats}, opts.workdir / "vae.pt")
+    log(f"vae done: {stats}")
+
+
+def _unet_stage(opts: TrainOptions, model, init, stats: dict) -> None:
+    """Stage 2: encode the pool, set scale_factor, train phase 1 (and phase 2), keep unet.pt for export."""
+    t0 = time.time()
+    pool = encode_pool(opts, model.first_stage_model)
+    z = pool[0] + pool[1] * torch.randn(pool[0].shape, generator=torch.Generator().manual_seed(opts.seed))
+    scale_factor = float(f"{opts.latent_std / z.std().item():.5g}") if init is None else init["scale_factor"]
     log(f"pool: {len(pool[2])} latents in {time.time() - t0:.0f} s, latent std {z.std().item():.4f}, "
         f"mean {z.mean().item():.4f} -> scale_factor {scale_factor}")
-    model.cfg = model_config(scale_factor, args.model_dict)
+    model.cfg = model_config(scale_factor, opts.model_dict)
     if init is None:
-        log(f"phase 1: {args.unet_steps} steps at lr {args.unet_lr:g} (text encoder {args.text_lr:g})")
-        phase1 = train_unet(args, model, pool, scale_factor, args.workdir, args.unet_steps)
-        stats["phase1"] = {"steps": args.unet_steps, **phase1}
+        log(f"phase 1: {opts.unet_steps} steps at lr {opts.unet_lr:g} (text encoder {opts.text_lr:g})")
+        phase1 = train_unet(opts, model, pool, scale_factor, opts.workdir, opts.unet_steps)
+        stats["phase1"] = {"steps": opts.unet_steps, **phase1}
         stats["unet_seconds"] = phase1["unet_seconds"]
-        (args.workdir / "unet.pt").replace(args.workdir / "unet_phase1.pt")
-        init = torch.load(args.workdir / "unet_phase1.pt", map_location="cpu", weights_only=True)
-    if args.decay_steps > 0:
+        (opts.workdir / "unet.pt").replace(opts.workdir / "unet_phase1.pt")
+        init = torch.load(opts.workdir / "unet_phase1.pt", map_location="cpu", weights_only=True)
+    if opts.decay_steps > 0:
         model.load_state_dict(init["state_dict"])  # the EMA weights of phase 1
-        log(f"phase 2 from step {init['step']}: {args.decay_steps} steps, cosine lr {args.unet_lr:g} -> {args.final_lr:g}")
-        phase2 = train_unet(args, model, pool, scale_factor, args.workdir, args.decay_steps, args.final_lr, init["step"])
-        stats["phase2"] = {"steps": args.decay_steps, **phase2}
+        log(f"phase 2 from step {init['step']}: {opts.decay_steps} steps, cosine lr {opts.unet_lr:g} -> {opts.final_lr:g}")
+        phase2 = train_unet(opts, model, pool, scale_factor, opts.workdir, opts.decay_steps, opts.final_lr, init["step"])
+        stats["phase2"] = {"steps": opts.decay_steps, **phase2}
         stats["unet_seconds"] = round(stats.get("unet_seconds", 0.0) + phase2["unet_seconds"], 1)
     else:
-        torch.save(init, args.workdir / "unet.pt")  # what --stage export writes
+        torch.save(init, opts.workdir / "unet.pt")  # what --stage export writes
     stats["latent_std_before_scaling"] = round(z.std().item(), 4)
-    stats["seed"] = args.seed
-    (args.workdir / "stats.json").write_text(json.dumps(stats, indent=1))
+
+
+def train(opts: TrainOptions) -> int:
+    """Run the stages `opts.stage` asks for; the default writes sd_cli/demo/demo.{safetensors,yaml}."""
+    from sd_cli.model.cpu import default_threads
+
+    opts = replace(opts, threads=opts.threads or default_threads())
+    torch.set_num_threads(opts.threads)
+    torch.manual_seed(opts.seed)
+    opts.workdir.mkdir(parents=True, exist_ok=True)
+    if opts.stage == "export":
+        export(opts.workdir, opts.out)
+        return 0
+    mdict = model_dict(opts)
+    if opts.init_from:
+        mdict = json.loads(torch.load(opts.init_from, map_location="cpu", weights_only=True)["model"])
+    opts = replace(opts, model_dict=mdict)
+    model, init = _build_model(opts)
+    stats: dict = {}
+    if opts.stage in ("all", "vae"):
+        _vae_stage(opts, model.first_stage_model, stats)
+        if opts.stage == "vae":
+            return 0
+    saved = torch.load(opts.workdir / "vae.pt", map_location="cpu", weights_only=True)
+    model.first_stage_model.load_state_dict(saved["vae"])
+    model.first_stage_model.eval()
+    stats = {**saved.get("stats", {}), **stats}
+    _unet_stage(opts, model, init, stats)
+    stats["seed"] = opts.seed
+    (opts.workdir / "stats.json").write_text(json.dumps(stats, indent=1))
     extra = {k: stats[k] for k in ("vae_seconds", "unet_seconds", "seed") if k in stats}
-    if args.note:
-        extra["note"] = args.note
-    export(args.workdir, args.out, extra)
+    if opts.note:
+        extra["note"] = opts.note
+    export(opts.workdir, opts.out, extra)
     log(f"done: {stats}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

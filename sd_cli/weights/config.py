@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sd_cli.errors import ConfigError
-from sd_cli.model.ldm import ModelConfig, ScheduleConfig
+from sd_cli.model.ldm import SD_SCALE_FACTOR, ModelConfig, ScheduleConfig
 from sd_cli.model.text_encoder import TextEncoderConfig
 from sd_cli.model.unet import UNetConfig
 from sd_cli.model.vae import VAEConfig
@@ -133,7 +133,7 @@ def _from_ours(m: dict[str, Any]) -> ModelConfig:
         vae=_build(VAEConfig, m.get("vae") or {}, "model.vae"),
         text=_build(TextEncoderConfig, m.get("text_encoder") or {}, "model.text_encoder"),
         schedule=_build(ScheduleConfig, m.get("schedule") or {}, "model.schedule"),
-        scale_factor=float(m.get("scale_factor", 0.18215)),
+        scale_factor=float(m.get("scale_factor", SD_SCALE_FACTOR)),
         norm_groups=_norm_groups(m.get("norm_groups", 32)),
     )
 
@@ -181,5 +181,5 @@ def _from_compvis(m: dict[str, Any]) -> ModelConfig:
         vae=_pick(dd, VAEConfig, "first_stage_config.params.ddconfig"),
         text=TextEncoderConfig(),
         schedule=_pick(p, ScheduleConfig, "model.params"),
-        scale_factor=float(p.get("scale_factor", 0.18215)),
+        scale_factor=float(p.get("scale_factor", SD_SCALE_FACTOR)),
     )

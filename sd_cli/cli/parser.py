@@ -1,0 +1,166 @@
+"""The sd-txt2img command line: every flag, its help text and its default.
+
+Every flag of CompVis' scripts/txt2img.py works with its meaning and default. Flags whose default
+depends on the model (--H, --W, --scale, --ckpt, --config) or on the sampler (--steps) parse to None
+when not given; the settings (sd_cli.run.settings) fill them in, so "given" is never guessed.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from sd_cli.run.report import one_line
+from sd_cli.run.settings import COMPVIS_STEPS, DEFAULT_CKPT, DEFAULT_PROMPT, DEFAULT_SAMPLER, DEFAULT_STEPS
+from sd_cli.version import __version__
+from sd_cli.weights.config import DEFAULT_CONFIG
+from sd_cli.weights.dtypes import DTYPE_CHOICES
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that prints one line (not the whole usage) before exiting 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see --help)\n")
+
+
+def _sampler_help() -> tuple[list[str], str]:
+    from sd_cli.sampling.samplers import SAMPLERS
+
+    lines = [f"{name}: {info.description}" for name, info in SAMPLERS.items()]
+    return list(SAMPLERS), "; ".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    names, sampler_lines = _sampler_help()
+    p = _Parser(
+        prog="sd-txt2img",
+        description="Turn a text prompt into images with a Stable Diffusion v1.x checkpoint, on CPU or CUDA.",
+        epilog=(
+            "examples:\n"
+            '  sd-txt2img --prompt "An astronaut riding a horse, painted by Pablo Picasso." --plms --n_iter 5 --n_samples 1\n'
+            '  sd-txt2img --prompt "a lighthouse at dusk" --config configs/stable-diffusion/v1-inference-cpu.yaml\n'
+            "  sd-txt2img --from-file prompts.txt --n_samples 4 --json > run.json\n"
+            "  sd-txt2img --from-file prompts.txt --n_samples 4 --resume      # after Ctrl-C or a crash: finish it\n"
+            "  sd-txt2img --replay outputs/txt2img-samples/samples/00000.png  # same pixels again?\n\n"
+            f"Put a checkpoint (sd-v1-4.ckpt, v1-5-pruned-emaonly.safetensors, ...) at {DEFAULT_CKPT} or pass --ckpt;\n"
+            "without either, the built-in demo model (64x64 shapes: 'a red circle on a blue background') runs.\n"
+            "Exit codes: 0 done, 1 runtime failure, 2 usage error, 130 interrupted (finished images are kept)."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _what_to_draw(p)
+    _sampling(p, names, sampler_lines)
+    _size_and_count(p)
+    _model_and_device(p)
+    _output(p)
+    _check_an_image(p)
+    return p
+
+
+def _what_to_draw(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("what to draw")
+    g.add_argument("--prompt", default=DEFAULT_PROMPT, help="the prompt to render (default: %(default)r)")
+    g.add_argument("--negative-prompt", "--negative_prompt", dest="negative_prompt", default="",
+                   help="what to steer away from; replaces the empty unconditional prompt of guidance")
+    g.add_argument("--from-file", "--from_file", dest="from_file", metavar="FILE",
+                   help="read prompts from FILE, one per line (UTF-8, BOM and CRLF fine; blank lines and lines "
+                        "starting with # are skipped); batches of --n_samples, the last one may be smaller")
+    g.add_argument("--laion400m", action="store_true", help="(CompVis) not supported: refused with an error")
+
+
+def _sampling(p: argparse.ArgumentParser, names: list[str], sampler_lines: str) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--sampler", choices=names, default=None,
+                   help=f"sampling method (default: {DEFAULT_SAMPLER} with {DEFAULT_STEPS} steps; ddim when only "
+                        f"--ddim_steps is given, as CompVis). {sampler_lines}")
+    g.add_argument("--plms", action="store_true", help="alias of --sampler plms")
+    g.add_argument("--dpm_solver", "--dpm-solver", action="store_true", help="alias of --sampler dpmpp_2m")
+    g.add_argument("--steps", type=int, default=None,
+                   help=f"number of sampling steps, for any sampler (default: {DEFAULT_STEPS} for dpmpp_2m and "
+                        f"euler_a, {COMPVIS_STEPS} for ddim and plms)")
+    g.add_argument("--ddim_steps", type=int, default=None,
+                   help=f"(CompVis) number of sampling steps; with no sampler named it means DDIM with that many "
+                        f"steps, as in CompVis' script (default: {COMPVIS_STEPS} for ddim/plms)")
+    g.add_argument("--ddim_eta", "--eta", dest="ddim_eta", type=float, default=0.0,
+                   help="DDIM eta: 0 deterministic, 1 ancestral-like noise (default: %(default)s)")
+    g.add_argument("--scale", type=float, default=None,
+                   help="classifier-free guidance scale; 1 turns guidance off (default: 7.5; 3 with the demo model)")
+    g.add_argument("--seed", type=int, default=42,
+                   help="seed of the start noise (default: %(default)s). Batch k of a run (k = iteration x "
+                        "batches per iteration + batch number) uses seed + k, so with one --prompt iteration n "
+                        "uses seed + n; every image's seed is written into its PNG")
+    g.add_argument("--fixed_code", "--fixed-code", action="store_true",
+                   help="reuse the first batch's start noise for every batch and iteration")
+
+
+def _size_and_count(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("size and count")
+    g.add_argument("--H", type=int, default=None, help="image height in pixels, a multiple of 8 "
+                   "(default: 512; 64 with the demo model)")
+    g.add_argument("--W", type=int, default=None, help="image width in pixels, a multiple of 8 "
+                   "(default: 512; 64 with the demo model)")
+    g.add_argument("--C", type=int, default=4, help="latent channels; must be the model's (4) (default: %(default)s)")
+    g.add_argument("--f", type=int, default=8, help="downsampling factor; must be the VAE's (8) (default: %(default)s)")
+    g.add_argument("--n_samples", "--batch-size", dest="n_samples", type=int, default=3,
+                   help="images per batch (default: %(default)s)")
+    g.add_argument("--n_iter", type=int, default=2, help="how many times to run each batch (default: %(default)s)")
+    g.add_argument("--n_rows", type=int, default=0, help="images per grid row (default: --n_samples)")
+
+
+def _model_and_device(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and device")
+    g.add_argument("--config", default=None,
+                   help=f"model config YAML; CompVis' original v1-inference.yaml works too (default: {DEFAULT_CONFIG}; "
+                        "the demo model's own without weights)")
+    g.add_argument("--ckpt", default=None, help=f"checkpoint .ckpt or .safetensors (default: {DEFAULT_CKPT}; when nothing is there, the "
+                        "built-in demo model, 64x64 shapes)")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
+                   help="where to run; overrides the config's runtime.device (auto: CUDA when available)")
+    g.add_argument("--precision", choices=("full", "autocast"), default=None,
+                   help="(CompVis) full: float32 (= --dtype fp32); autocast: --dtype auto (default: the config's, "
+                        "autocast)")
+    g.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
+                   help="compute dtype; weights are stored in it. auto: bf16 on a CPU with native bf16 "
+                        "(AVX512-BF16 or AMX, detected), else fp32; on CUDA bf16 where the GPU has it, else fp16 "
+                        "(default: from --precision / the config). A half-precision VAE decode that gives "
+                        "NaN/inf is redone in fp32")
+    g.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: the physical cores this process may use)")
+    g.add_argument("--vae-tiling", "--vae_tiling", dest="vae_tiling", nargs="?", const="on", default=None,
+                   choices=("auto", "on", "tiles", "off"),
+                   help="decode large images in pieces to bound memory. on: row bands with whole-image "
+                        "statistics (exact: the same picture); tiles: overlapping 512 px tiles, cross-faded "
+                        "(least memory; colours may shift slightly between tiles); auto: on for images larger "
+                        "than 512x512 (default: auto; the bare flag means on)")
+
+
+def _output(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("output")
+    g.add_argument("--outdir", default="outputs/txt2img-samples", help="output folder (default: %(default)s)")
+    g.add_argument("--skip_grid", action="store_true", help="don't write the grid image")
+    g.add_argument("--skip_save", action="store_true", help="don't write the individual images")
+    g.add_argument("--resume", action="store_true",
+                   help="continue a killed run: run the same command again with --resume and every image whose "
+                        "file already exists in OUTDIR/samples (same prompt, seed, batch position and settings, "
+                        "matched by the sd_cli metadata in the PNG) is skipped; only missing ones are made, so "
+                        "the folder ends as one uninterrupted run would have left it")
+    g.add_argument("--no-watermark", dest="no_watermark", action="store_true",
+                   help='don\'t embed the invisible "StableDiffusionV1" watermark')
+    g.add_argument("--json", action="store_true",
+                   help="print one JSON object on stdout listing every file written with its seed and parameters")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info lines, errors only")
+    g.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    g.add_argument("--version", action="version", version=f"sd-txt2img {__version__}")
+
+
+def _check_an_image(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("check an image")
+    g.add_argument("--replay", metavar="IMAGE.png",
+                   help="regenerate IMAGE.png from its sd_cli metadata with --ckpt and compare the pixels: prints "
+                        "'identical' (exit 0) or the mean and max pixel difference (exit 1). Prompt, seed, sampler, "
+                        "size etc. come from the image (giving them is an error); --ckpt, --config, --device, "
+                        "--precision/--dtype apply (threads and VAE tiling: as recorded, unless given). The model "
+                        "hash must match (see --force). Writes no file unless --outdir is given, then the "
+                        "regenerated image goes to OUTDIR/samples")
+    g.add_argument("--force", action="store_true",
+                   help="with --replay: go on when --ckpt's model hash differs from the one in the image")

@@ -1,0 +1,187 @@
+"""`StableDiffusion`: a loaded model and the one render path. The CLI, torchrun, --resume, --replay,
+eval_demo and Python callers all make their images through `StableDiffusion.render`.
+
+    sd = StableDiffusion.load("model.safetensors", device="cpu", dtype="auto")  # no path: the demo model
+    images = sd.txt2img("a red circle on a blue background", seed=42, steps=25, n=2)
+
+Setting up (`StableDiffusion(runtime)`) reads the config, picks device, dtype and threads and hashes the
+checkpoint; the weights load on first use (`pipeline()`), so a --resume run with every image present
+never loads them. The reproducibility rule lives in `render` alone: a CPU generator seeded with the
+item's seed draws the full batch's start noise (n_samples rows; a smaller batch takes the first rows)
+and then any noise the sampler adds.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from sd_cli.errors import CheckpointError, SdCliError, UsageError
+from sd_cli.run.report import Log
+from sd_cli.run.settings import DEFAULT_CKPT, DEFAULT_SEED, Generation, Runtime, choose_model
+from sd_cli.run.work import WorkItem, WorkPlan
+from sd_cli.version import __version__
+
+StepCallback = Callable[[int, int, object], None]  # (step index, total steps, latents)
+
+
+def missing_checkpoint_message(path: str) -> str:
+    return (
+        f"no checkpoint at {path}: download a Stable Diffusion v1.x checkpoint (sd-v1-4.ckpt or "
+        f"v1-5-pruned-emaonly.safetensors, from the model's page on Hugging Face after accepting its licence) "
+        f"and put it at {DEFAULT_CKPT}, or pass --ckpt PATH"
+    )
+
+
+def pick_device(requested: str):
+    import torch
+
+    if requested == "cuda":
+        if not torch.cuda.is_available():
+            raise SdCliError("--device cuda: no CUDA device is available to this torch build; use --device cpu")
+        return torch.device("cuda")
+    if requested == "auto" and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+class StableDiffusion:
+    """One checkpoint on one device in one dtype, ready to render work items."""
+
+    def __init__(self, runtime: Runtime, *, ddp=None, log: Log | None = None, gen: Generation | None = None):
+        from sd_cli.weights.checkpoint import short_hash
+        from sd_cli.weights.config import load_config
+        from sd_cli.weights.precision import choose_dtype, dtype_name, requested_mode, set_threads
+
+        self.runtime, self.ddp, self.log = runtime, ddp, log or Log(quiet=True)
+        self.config = load_config(runtime.config)
+        if gen is not None:
+            self.check(gen)
+        device = pick_device(runtime.device or self.config.runtime.device)
+        self.dtype_choice = choose_dtype(requested_mode(runtime.dtype, runtime.precision,
+                                                        self.config.runtime.precision), device)
+        self.dtype_name = dtype_name(self.dtype_choice.dtype)
+        if not runtime.ckpt.exists():
+            raise CheckpointError(missing_checkpoint_message(str(runtime.ckpt)))
+        if ddp is not None:
+            device = ddp.start(device)  # rendezvous; cuda:LOCAL_RANK on CUDA
+        self.device = device
+        self.threads = None
+        if device.type == "cpu":  # torchrun: by default the host's cores are shared among its ranks
+            from sd_cli.model.cpu import default_threads
+
+            asked = runtime.threads or (ddp.threads(default_threads()) if ddp else None)
+            self.threads = set_threads(asked)
+        self.model_hash = short_hash(runtime.ckpt)  # (cached per file; part of every image's metadata)
+        self._pipe = None
+
+    @classmethod
+    def load(cls, ckpt: str | Path | None = None, *, config: str | None = None, device: str = "auto",
+             dtype: str = "auto", threads: int | None = None, vae_tiling: str = "auto") -> "StableDiffusion":
+        """Load a checkpoint (.ckpt or .safetensors); without one, the CLI's default (the demo model when
+        nothing is at models/ldm/stable-diffusion-v1/model.ckpt)."""
+        path, config, demo = choose_model(str(ckpt) if ckpt is not None else None, config)
+        sd = cls(Runtime(path, config, demo, device, dtype, None, threads, vae_tiling))
+        sd.pipeline()
+        return sd
+
+    @property
+    def rank(self) -> int:
+        return self.ddp.rank if self.ddp is not None else 0
+
+    def check(self, gen: Generation) -> None:
+        """Settings that must agree with this model's config (--C, --f)."""
+        m = self.config.model
+        if gen.latent_channels != m.latent_channels:
+            raise UsageError(f"--C {gen.latent_channels}: this model has {m.latent_channels} latent channels")
+        if gen.factor != m.downscale:
+            raise UsageError(f"--f {gen.factor}: this model's VAE downsamples by {m.downscale}")
+
+    def pipeline(self):
+        """The model, loaded on first use."""
+        if self._pipe is None:
+            from sd_cli.pipeline.generate import Pipeline
+            from sd_cli.weights import loading
+
+            t0 = time.perf_counter()
+            on = f"{self.device}, {self.threads} threads" if self.threads else str(self.device)
+            self.log.info(f"loading {self.runtime.ckpt} ({self.dtype_name}, {self.dtype_choice.reason}; on {on}) ...")
+            model = loading.load_model(self.config.model, self.runtime.ckpt, device=self.device,
+                                       dtype=self.dtype_choice.dtype)
+            self.log.info(f"model loaded in {time.perf_counter() - t0:.1f} s (hash {self.model_hash})")
+            self._pipe = Pipeline(model, self.device, on_warning=self.log.warn, vae_tiling=self.runtime.vae_tiling)
+        return self._pipe
+
+    def base_metadata(self, gen: Generation) -> dict:
+        """The sd_cli metadata every image of `gen` shares (prompt, seed and batch position come per image)."""
+        from sd_cli.pipeline.vae_tiling import decode_method
+        from sd_cli.sampling.samplers import get_sampler
+
+        return {
+            "negative_prompt": gen.negative_prompt,
+            "steps": gen.steps,
+            "sampler": gen.sampler,
+            "sampler_label": get_sampler(gen.sampler).label,
+            "scale": gen.scale,
+            "eta": gen.eta,
+            "width": gen.width,
+            "height": gen.height,
+            "model_hash": self.model_hash,
+            "model_name": self.runtime.ckpt.stem,
+            "dtype": self.dtype_name,
+            "vae_decode": decode_method(self.runtime.vae_tiling, gen.height, gen.width),  # whole | bands | tiles
+            "device": self.device.type,
+            "threads": self.threads,  # CPU results depend on it (in the last bit); --replay uses the same number
+            "fixed_code": gen.fixed_code,
+            "sd_cli_version": __version__,
+        }
+
+    def render(self, gen: Generation, item: WorkItem, on_step: StepCallback | None = None) -> list[np.ndarray]:
+        """The images (H, W, 3) uint8 of one work item: seed, then noise, then generate, then watermark."""
+        import torch
+
+        from sd_cli.output.watermark import apply_watermark
+        from sd_cli.pipeline.generate import initial_noise
+
+        generator = torch.Generator("cpu").manual_seed(item.seed)
+        noise = initial_noise(generator, gen.n_samples, gen.latent_channels, gen.height, gen.width, gen.factor)
+        images = self.pipeline().generate(
+            list(item.prompts), noise[: len(item.prompts)], negative_prompt=gen.negative_prompt,
+            sampler=gen.sampler, steps=gen.steps, scale=gen.scale, eta=gen.eta, generator=generator,
+            callback=on_step,
+        )
+        return [apply_watermark(img) if gen.watermarked else img for img in images]
+
+    def txt2img(self, prompt: str, *, seed: int = DEFAULT_SEED, n: int = 1, **settings) -> list:
+        """`n` images of `prompt` as one batch (PIL images carrying the CLI's metadata in `.info`), equal
+        to `sd-txt2img --prompt PROMPT --seed SEED --n_samples N --n_iter 1`. Keyword settings as
+        `Generation.create`: negative_prompt, sampler, steps, scale, eta, height, width, fixed_code,
+        watermark. Nothing is written; `image.save(path)` keeps the metadata, `save_images` numbers files."""
+        from sd_cli.output.a1111 import a1111_text
+        from sd_cli.sampling.samplers import get_sampler
+
+        gen = Generation.create([prompt], demo=self.runtime.demo, seed=seed, n_samples=n, n_iter=1, **settings)
+        self.check(gen)
+        item = WorkPlan(gen, self.base_metadata(gen))[0]
+        schedule = get_sampler(gen.sampler).schedule
+        return [_pil(img, a1111_text(meta, schedule), meta) for img, meta in zip(self.render(gen, item), item.metas)]
+
+
+def _pil(img: np.ndarray, parameters: str, metadata: dict):
+    from sd_cli.output.image import GeneratedImage
+
+    return GeneratedImage.of(img, parameters, metadata)
+
+
+def save_images(images: list, directory: str | Path) -> list[Path]:
+    """Write API images as the CLI does: next free numbers (00000.png, ...), atomic, never overwriting,
+    byte-identical to the CLI's files. Returns the paths."""
+    from sd_cli.output.png import SAMPLE_PATTERN, ensure_writable_dir, save_png
+
+    directory = Path(directory)
+    ensure_writable_dir(directory)
+    return [save_png(directory, SAMPLE_PATTERN, np.asarray(im), parameters=im.info["parameters"],
+                     metadata=im.sd_cli_metadata) for im in images]

@@ -1,0 +1,88 @@
+"""The txt2img use case: settings in, files out. The CLI calls `txt2img`; so does torchrun (every rank).
+
+1. The output folders (before anything heavy). 2. The engine: config, device, dtype, threads, hash.
+3. The work plan and, with --resume, what is done already. 4. The executor makes the items through
+the one render path and the sink writes them. 5. The grid.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from sd_cli.run.api import StableDiffusion
+from sd_cli.run.executors import run_local, run_torchrun
+from sd_cli.run.report import Log, RunState
+from sd_cli.run.resume import ResumePlan
+from sd_cli.run.settings import Generation, Output, Runtime
+from sd_cli.run.sink import Sink
+from sd_cli.run.work import WorkItem, WorkPlan
+
+
+def txt2img(gen: Generation, runtime: Runtime, out: Output, state: RunState) -> None:
+    """Make every image of `gen` into `out`; `state` records what was written (also after Ctrl-C)."""
+    from sd_cli.run.distributed import from_env
+
+    log = Log(out.quiet)
+    ddp = from_env()  # under torchrun: this process's rank; None when run as one process
+    Sink(out, gen, {}, state).prepare()
+    if ddp is not None:
+        log = Log(out.quiet, ddp.rank)
+    sd = StableDiffusion(runtime, ddp=ddp, log=log, gen=gen)
+    state.rank = sd.rank
+    base = sd.base_metadata(gen)
+    items, sink = WorkPlan(gen, base), Sink(out, gen, base, state)
+    plan = _resume_plan(out, ddp, log)
+    if not (out.resume and ddp is None):  # (under torchrun every rank loads before the collectives)
+        sd.pipeline()
+    with _bar(len(items) if ddp is None else len(ddp.share(len(items))), log, ddp) as bar:
+        warned: list[bool] = []
+
+        def make(item: WorkItem):
+            images = _render_counted(sd, gen, item, state, log)
+            if gen.watermark and not gen.watermarked and not warned:  # said once, with the first images
+                warned.append(True)
+                log.warn(f"image {gen.width}x{gen.height} is too small for the invisible watermark "
+                         "(needs at least 256x256 pixels); saved without it")
+            return images
+
+        run = run_local if ddp is None else (lambda *a: run_torchrun(ddp, *a))
+        pixels = run(items, plan, make, sink, lambda: bar.update(1))
+    if pixels is not None and not out.skip_grid:
+        sink.write_grid(pixels, resumed=plan is not None)
+
+
+def _resume_plan(out: Output, ddp, log: Log) -> ResumePlan | None:
+    """--resume: what is done already (under torchrun rank 0 looks, see sd_cli/run/distributed.py)."""
+    if not out.resume:
+        return None
+    if ddp is None or ddp.is_main:
+        return ResumePlan.scan(out.sample_dir, warn=log.warn)
+    return ResumePlan(out.sample_dir, log.warn)
+
+
+def _bar(total: int, log: Log, ddp):
+    from tqdm import tqdm
+
+    desc = "batches" if ddp is None else f"batches (rank 0 of {ddp.world_size})"
+    return tqdm(total=total, desc=desc, unit="batch", disable=not log.bars, file=sys.stderr, position=0)
+
+
+def _render_counted(sd: StableDiffusion, gen: Generation, item: WorkItem, state: RunState, log: Log):
+    """`sd.render` with a step bar; the run counts the steps and the sampling time itself."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=gen.steps, desc=f"sampling {gen.sampler}", unit="step", leave=False, disable=not log.bars,
+               file=sys.stderr, position=1)
+
+    def on_step(i: int, total: int, x) -> None:
+        state.steps += 1  # DDIM/PLMS may run one step more than asked (CompVis' grid)
+        bar.total = total
+        bar.update(1)
+
+    t0 = time.perf_counter()
+    try:
+        return sd.render(gen, item, on_step)
+    finally:
+        state.sampling_seconds += time.perf_counter() - t0
+        bar.close()

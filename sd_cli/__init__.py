@@ -12,8 +12,8 @@ from sd_cli.version import __version__  # noqa: F401
 
 
 def __getattr__(name: str):
-    if name == "StableDiffusion":  # imported on first use: `import sd_cli` stays light (no torch)
-        from sd_cli.run.api import StableDiffusion
+    if name in ("StableDiffusion", "save_images"):  # imported on first use: `import sd_cli` stays light
+        from sd_cli.run import api
 
-        return StableDiffusion
+        return getattr(api, name)
     raise AttributeError(f"module 'sd_cli' has no attribute {name!r}")

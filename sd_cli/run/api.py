@@ -79,10 +79,11 @@ class StableDiffusion:
         self._pipe = None
 
     @classmethod
-    def load(cls, ckpt: str | Path | None = None, *, config: str | None = None, device: str = "auto",
-             dtype: str = "auto", threads: int | None = None, vae_tiling: str = "auto") -> "StableDiffusion":
+    def load(cls, ckpt: str | Path | None = None, *, config: str | None = None, device: str | None = None,
+             dtype: str | None = None, threads: int | None = None, vae_tiling: str = "auto") -> "StableDiffusion":
         """Load a checkpoint (.ckpt or .safetensors); without one, the CLI's default (the demo model when
-        nothing is at models/ldm/stable-diffusion-v1/model.ckpt)."""
+        nothing is at models/ldm/stable-diffusion-v1/model.ckpt). device (auto|cpu|cuda) and dtype
+        (auto|fp32|bf16|fp16) default, as in the CLI, to the config's runtime section."""
         path, config, demo = choose_model(str(ckpt) if ckpt is not None else None, config)
         sd = cls(Runtime(path, config, demo, device, dtype, None, threads, vae_tiling))
         sd.pipeline()

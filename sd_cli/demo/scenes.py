@@ -18,9 +18,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 SIZE = 64  # native image size of the demo model (latent 8x8 with the f=8 VAE)
-# Guidance scale the CLI uses for the demo model unless --scale is given. Measured (python -m sd_cli.eval_demo,
-# 16 held-out prompts x 4 seeds): DPM++ 2M at 25 steps 81% at scale 1, 97% at 3 and 94% at CompVis' 7.5, but
-# at 10 steps 92% at 3 and 62% at 7.5 (overshoot); at 3 and 25 steps DDIM 97%, PLMS 89%, Euler a 92%.
+# Guidance scale the CLI uses for the demo model unless --scale is given: the most accurate on held-out prompts
+# across samplers and step counts; 7.5 overshoots at few steps (README "The demo model", bench/results/NOTES.md).
 GUIDANCE = 3.0
 SHAPES = ("circle", "square", "triangle", "cross")
 COLORS: dict[str, tuple[int, int, int]] = {

@@ -18,9 +18,8 @@ def inplace_ok() -> bool:
     """Whether an op may overwrite a tensor that nothing else holds (a layer's fresh output).
 
     Without autograd recording (inference) it always may, and that saves one full-size allocation per
-    op: on the CPU every large allocation is fresh pages from the kernel, and faulting them in cost more
-    than the op itself (silu(GroupNorm(x)) on (1, 128, 512, 512) fp32 channels-last: 117 ms out of place,
-    82 ms in place). While autograd records (training), never: backward may need the old values.
+    op: on the CPU every large allocation is fresh pages from the kernel, and faulting them in can cost more
+    than the op itself (figures: bench/results/NOTES.md). While autograd records (training), never: backward may need the old values.
     """
     return not torch.is_grad_enabled()
 
@@ -54,9 +53,8 @@ class GroupNorm32(nn.GroupNorm):
 
     LDM upcasts half-precision inputs to float32 around `F.group_norm`. torch's own CPU and CUDA
     group_norm kernels already accumulate mean and variance of bf16/fp16 inputs in float32 and
-    round the result once, so the explicit upcast only adds two full-tensor copies: on the SD UNet's
-    (2, 320, 64, 64) activations in bf16 the upcast path measured 1.2 ms vs 0.4 ms native here, with
-    outputs within one bf16 rounding of each other. On channels-last CPU input see `forward`.
+    round the result once, so the explicit upcast only adds two full-tensor copies (3x slower, outputs
+    within one bf16 rounding: bench/results/NOTES.md). On channels-last CPU input see `forward`.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -177,8 +175,7 @@ def attention_in_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
     """The same attention as `sdpa`, one head and one block of query rows at a time, with two bf16 GEMMs.
 
     Why: without AMX, torch's fused CPU kernel runs bf16 at float32 speed (its GEMMs convert), while a
-    plain bf16 `mm` uses AVX512-BF16. Measured at 2 threads on (2, 8, 4096, 40): 0.25 s vs 0.34 s for the
-    fused kernel; the VAE's (1, 1, 4096, 512): 0.10 s vs 0.18 s.
+    plain bf16 `mm` uses AVX512-BF16 (faster at the UNet's and the VAE's shapes: bench/results/NOTES.md).
 
     A bf16 GEMM rounds its output, the scores, to 8 bits, which costs precision where it matters, at a
     row's largest logits (a logit of 40 is off by up to 0.125, 13% after exp). So the GEMM subtracts an

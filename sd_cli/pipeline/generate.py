@@ -19,6 +19,7 @@ from sd_cli.model.ldm import LatentDiffusion
 from sd_cli.sampling.samplers import get_sampler
 from sd_cli.model.tokenizer import get_tokenizer
 from sd_cli.pipeline.vae_tiling import LatentDecoder
+from sd_cli.weights.precision import dtype_name
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ class Pipeline:
     def _nan_hint(self) -> str:
         dtype = next(self.model.parameters()).dtype
         if dtype != torch.float32:
-            return f"the model runs in {str(dtype).replace('torch.', '')}; try --precision full (float32)"
+            return f"the model runs in {dtype_name(dtype)}; try --precision full (float32)"
         return "the model runs in float32: is --scale extreme, or are the weights damaged?"
 
     def _uncond(self, negative_prompt: str, batch: int) -> torch.Tensor:

@@ -8,15 +8,14 @@ holds several (B, 128..256, 1024, 1024) tensors), its latent-resolution part is 
   its normalised input, so no full-size temporary (normalised copy, SiLU output, nearest-upsampled
   input) ever exists; every GroupNorm uses the statistics of the whole image (two passes over the bands:
   mean, then centred squares). The result equals the untiled decode up to float rounding (tests:
-  max |diff| / max |image| < 1e-5 in float32), so there are no seams and no colour shifts. Memory at
-  1024x1024 bf16 (full-size VAE): +1.34 GiB vs +2.08 GiB untiled; the floor is the few full-size
+  max |diff| / max |image| < 1e-5 in float32), so there are no seams and no colour shifts. It needs about two
+  thirds of the untiled decode's memory (bench/results/NOTES.md); the floor is the few full-size
   activations a ResnetBlock needs (input, hidden, output).
 * "tiles" (`--vae-tiling tiles`): LOWEST MEMORY, APPROXIMATE. The rest of the decoder after the mid block
   runs on overlapping latent tiles of at most TILE x TILE cells (512 px), blended with weights that ramp
-  linearly across each overlap (after a margin dropping the tile edge), so there is no hard edge; +0.51
-  GiB at 1024x1024 bf16. Each tile's GroupNorms use the tile's own statistics, as diffusers' and
-  AUTOMATIC1111's tiled decoders do, which shifts colour/contrast between tiles on some images; on the
-  random test model the mean difference is ~7 % of the image's spread.
+  linearly across each overlap (after a margin dropping the tile edge), so there is no hard edge; about a
+  quarter of the untiled decode's memory. Each tile's GroupNorms use the tile's own statistics, as diffusers' and
+  AUTOMATIC1111's tiled decoders do, which shifts colour/contrast between tiles on some images.
 
 conv_in and the mid block (whose self-attention is the one truly global layer) always run on the whole
 latent: at latent resolution they are small.
@@ -33,6 +32,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from sd_cli.weights.precision import dtype_name
 
 TILE = 64  # latent cells per tile side, at most (64 cells = 512 px)
 OVERLAP = 16  # latent cells shared by neighbouring tiles, at least (128 px)
@@ -280,7 +280,7 @@ class LatentDecoder:
         self.vae.float()
         self.fell_back = True
         self.on_warning(
-            f"the VAE decode in {str(dtype).replace('torch.', '')} gave non-finite pixels (NaN/inf); "
+            f"the VAE decode in {dtype_name(dtype)} gave non-finite pixels (NaN/inf); "
             "decoded again in float32, and the VAE stays float32 for the rest of this run"
         )
         return self._decode(latents)

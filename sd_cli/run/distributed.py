@@ -292,9 +292,8 @@ def close() -> None:
     """Leave the process group, if this process joined one (a no-op when torch was never imported).
 
     After a completed job the ranks first meet in a barrier, so that none tears down gloo while another
-    is still finishing: without it, in the failed-rank-then-resume flow (rank 0 had nothing left to make,
-    rank 1 all of its share), rank 1 aborted at exit ("terminate called without an active exception",
-    exit -6) in 2 of 25 runs; with it in 0 of 30. A job that did not get that far (a lost peer, Ctrl-C
+    is still finishing: without it a rank sometimes aborted at exit ("terminate called without an active
+    exception", bench/results/NOTES.md). A job that did not get that far (a lost peer, Ctrl-C
     before the gather) skips the barrier: the other ranks may be in another collective, and waiting for
     them there would hang instead of failing.
     """

@@ -21,6 +21,7 @@ from sd_cli.weights.detect import require_sd1
 from sd_cli.errors import CheckpointError
 from sd_cli.model.ldm import SCHEDULE_KEYS, LatentDiffusion, ModelConfig
 from sd_cli.sampling.schedule import ldm_buffers
+from sd_cli.weights.precision import dtype_name
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ def _non_finite_message(path: str | Path, key: str, source: torch.Tensor, dtype:
         return (f"checkpoint {path}: tensor {key} holds {what} value(s) of {values.numel()}; "
                 "the file is corrupt or was badly converted")
     biggest = float(values.abs().max())
-    name = str(dtype).replace("torch.", "")
+    name = dtype_name(dtype)
     return (f"checkpoint {path}: tensor {key} has values up to {biggest:.3g}, too large for {name}; "
             "use --precision full (float32)")
 
@@ -150,7 +151,7 @@ def load_model(
         # offset, and CPU kernels take other (numerically different) paths on unaligned data, which
         # would make .ckpt and .safetensors copies of one model give different images.
         # Conv kernels of a channels-last part are laid out NHWC right here: converting after loading
-        # would hold both layouts at once (measured +0.9 GiB peak for the bf16 UNet).
+        # would hold both layouts at once (bench/results/NOTES.md).
         fmt = torch.channels_last if t.dim() == 4 and key.startswith(nhwc_prefixes) else torch.preserve_format
         converted = t.to(device=device, dtype=dtype, copy=True, memory_format=fmt)
         if not bool(torch.isfinite(converted).all()):  # NaN/inf weights: refuse, naming the tensor
@@ -166,13 +167,9 @@ def load_model(
     return model
 
 
-# The UNet and the VAE run channels-last (NHWC) unless `channels_last=False` says otherwise. Measured on CPU
-# (2-core AVX512-BF16 Zen 4, 512x512, see README "Speed and memory"): the UNet is 5 % (bf16) to 8 % (fp32)
-# faster channels-last; the VAE decode 13 % in bf16 (6.97 s vs 8.05 s, 2 threads) and 7 % in fp32 (14.7 s
-# vs 15.9 s, same process, interleaved). The VAE gains only because layers.GroupNorm32 keeps torch's native
-# channels-last kernel (with a per-group shift in fp32); with two layout copies around every GroupNorm the
-# fp32 VAE was 18 % slower NHWC. On CUDA both run NHWC (cuDNN's tensor-core convs are NHWC-native); not
-# measured here.
+# The UNet and the VAE run channels-last (NHWC) unless `channels_last=False` says otherwise: faster for both
+# on the CPU (the VAE only because layers.GroupNorm32 keeps torch's native NHWC kernel) and cuDNN's
+# tensor-core convs are NHWC-native (figures: bench/results/NOTES.md).
 CHANNELS_LAST = True
 
 

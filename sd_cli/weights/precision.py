@@ -12,8 +12,8 @@ probe (`torch._C._cpu._get_cpu_capability()`, the library torch's kernels dispat
 `flags` line of /proc/cpuinfo. Plain AVX-512 without the BF16 extension only emulates bf16 (oneDNN
 converts to fp32), which is no faster than fp32, so auto stays at fp32 there.
 
-float16 on a CPU without AVX512-FP16/AMX-FP16 runs on reference kernels (a 3x3 conv measured ~170x
-slower than fp32 here), so it is refused on such CPUs.
+float16 on a CPU without AVX512-FP16/AMX-FP16 runs on reference kernels (two orders of magnitude
+slower than fp32), so it is refused on such CPUs.
 """
 
 from __future__ import annotations

@@ -48,9 +48,9 @@ class Config:
 
 
 def _bundled(name: str) -> Path | None:
-    """The copy of a shipped config (configs/stable-diffusion/*.yaml is packaged as sd_cli.configs)."""
+    """The shipped config `name` (sd_cli/weights/configs; a checkout links configs/stable-diffusion there)."""
     try:
-        path = resources.files("sd_cli.configs") / name
+        path = resources.files("sd_cli.weights.configs") / name
     except ModuleNotFoundError:
         return None
     return Path(str(path)) if path.is_file() else None

@@ -39,3 +39,18 @@ class OutputError(SdCliError):
 
 class PromptFileError(UsageError):
     """A --from-file that is missing, empty or undecodable."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (timeout, systemd, Slurm, Kubernetes, torchrun stopping its ranks): handled like Ctrl-C,
+    exit code 143 instead of 130."""
+
+
+class StdoutError(SdCliError):
+    """Standard output cannot take the report: closed, or the disk behind it is full."""
+
+
+class StdoutClosedByReader(StdoutError):
+    """The reader of our stdout went away (EPIPE, `--json | head`): exit quietly, as Unix tools do."""
+
+    exit_code = 141  # 128 + SIGPIPE: what a shell shows for a tool stopped by a closed pipe

@@ -9,18 +9,17 @@ images are kept); --debug adds the traceback.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import sys
 import traceback
 from pathlib import Path
 
-from sd_cli.cli.parser import build_parser
-from sd_cli.demo import GUIDANCE
-from sd_cli.errors import SdCliError, UsageError
-from sd_cli.run.report import EXIT_INTERRUPTED, RunState, fail, summary
-from sd_cli.run.settings import DEFAULT_CKPT, Generation, Output, Runtime, choose_model
+from sd_cli.cli import signals
+from sd_cli.errors import SdCliError, StdoutClosedByReader, StdoutError, UsageError
+
+# Nothing heavy is imported at module level: the signal handlers go in first (`main`), so Ctrl-C during
+# `import torch` is "interrupted" like any other moment.
 
 # Flags whose values come from the image; giving one with --replay is a usage error.
 GENERATION_DESTS = frozenset({
@@ -32,6 +31,8 @@ GENERATION_DESTS = frozenset({
 
 def given_options(argv: list[str] | None) -> dict[str, str]:
     """{dest: flag as typed on the command line} for the options actually given in `argv`."""
+    from sd_cli.cli.parser import build_parser
+
     parser = build_parser()
     flags = {}
     for action in parser._actions:  # argparse has no public API for "was this option given?"
@@ -42,17 +43,29 @@ def given_options(argv: list[str] | None) -> dict[str, str]:
     return {dest: flags.get(dest, dest) for dest in vars(given)}
 
 
-def settings(args: argparse.Namespace) -> tuple[Generation, Runtime, Output]:
+def _check_combinations(args: argparse.Namespace) -> None:
+    """Flags that would otherwise be silently ignored, and an empty --outdir."""
+    if args.outdir == "":
+        raise UsageError('--outdir "": give a folder (. for the current one)')
+    if args.force and not args.replay:
+        raise UsageError("--force only applies to --replay")
+    if args.prompt is not None and args.from_file:
+        raise UsageError("--prompt and --from-file: give one (the file's lines are the prompts)")
+
+
+def settings(args: argparse.Namespace):
     """The three settings objects of a run, checked (UsageError otherwise), before anything heavy."""
     from sd_cli.run.prompts import read_prompt_file
+    from sd_cli.run.settings import DEFAULT_PROMPT, Generation, Output, Runtime, choose_model
 
     if args.laion400m:
         raise UsageError("--laion400m is not supported: sd-txt2img runs Stable Diffusion v1.x checkpoints only")
+    _check_combinations(args)
     ckpt, config, demo = choose_model(args.ckpt, args.config)
     runtime = Runtime(ckpt, config, demo, args.device, args.dtype, args.precision, args.threads,
                       args.vae_tiling or "auto")
     out = Output(Path(args.outdir), args.skip_grid, args.skip_save, args.n_rows, args.resume, args.json, args.quiet)
-    prompts = read_prompt_file(args.from_file) if args.from_file else [args.prompt]
+    prompts = read_prompt_file(args.from_file) if args.from_file else [args.prompt or DEFAULT_PROMPT]
     gen = Generation.create(
         prompts, demo=demo, sampler=args.sampler, steps=args.steps, ddim_steps=args.ddim_steps, plms=args.plms,
         dpm_solver=args.dpm_solver, eta=args.ddim_eta, scale=args.scale, height=args.H, width=args.W,
@@ -66,7 +79,10 @@ def settings(args: argparse.Namespace) -> tuple[Generation, Runtime, Output]:
 def replay_settings(args: argparse.Namespace, argv: list[str] | None):
     """(request, runtime) of `--replay`: prompt, seed and every generation setting come from the image."""
     from sd_cli.run.replay import ReplayRequest
+    from sd_cli.run.settings import Runtime, choose_model
 
+    if args.outdir == "":
+        raise UsageError('--outdir "": give a folder (. for the current one)')
     given = given_options(argv)
     bad = sorted(flag for dest, flag in given.items() if dest in GENERATION_DESTS)
     if bad:
@@ -77,58 +93,60 @@ def replay_settings(args: argparse.Namespace, argv: list[str] | None):
     return ReplayRequest(Path(args.replay), args.force, write_dir, args.vae_tiling, args.json, args.quiet), runtime
 
 
-@contextlib.contextmanager
-def _sigint_ignored():
-    """Ctrl-C is ignored inside (the summary after a first Ctrl-C must not be cut short)."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
-
-
 def main(argv: list[str] | None = None) -> int:
-    try:
-        return _main(argv)
-    finally:  # under torchrun: leave the process group (sd_cli/run/distributed.py)
-        from sd_cli.run.distributed import close
+    with signals.handled():
+        try:
+            return _main(argv)
+        except BaseException as err:  # a signal before the arguments were even parsed (imports, argparse)
+            if isinstance(err, SystemExit) or signals.stopped_by(err) is None:
+                raise
+            with signals.ignored():
+                print("sd-txt2img: interrupted", file=sys.stderr)
+            return signals.EXIT_CODES[signals.stopped_by(err)]
+        finally:  # under torchrun: leave the process group (sd_cli/run/distributed.py)
+            with signals.ignored():
+                from sd_cli.run.distributed import close
 
-        close()
+                close()
 
 
-def _execute(args: argparse.Namespace, argv: list[str] | None, state: RunState) -> int:
+def _execute(args: argparse.Namespace, argv: list[str] | None, state) -> int:
     """Build the settings and run the use case: --replay checks an image, otherwise txt2img."""
     if args.replay:
         from sd_cli.run.replay import replay
 
         request, runtime = replay_settings(args, argv)
-        _demo_note(runtime, GUIDANCE)
+        from sd_cli.demo import GUIDANCE
+
+        _demo_note(runtime, GUIDANCE, args.quiet)
         return replay(request, runtime, state)
     from sd_cli.run.txt2img import txt2img
 
     gen, runtime, out = settings(args)
-    _demo_note(runtime, gen.scale)
+    _demo_note(runtime, gen.scale, args.quiet)
     txt2img(gen, runtime, out, state)
     return 0
 
 
-def _demo_note(runtime: Runtime, scale: float) -> None:
-    if runtime.demo:  # said even with -q: the pictures are not from SD weights
+def _demo_note(runtime, scale: float, quiet: bool) -> None:
+    from sd_cli.run.settings import DEFAULT_CKPT
+
+    if runtime.demo and not quiet:  # -q: errors only (the PNG metadata names the model)
         print(f"note: using the built-in demo model (64x64 shapes, guidance {scale:g}); put real SD v1 weights at "
               f"{DEFAULT_CKPT} or pass --ckpt", file=sys.stderr)
 
 
 def _main(argv: list[str] | None) -> int:
+    from sd_cli.cli.parser import build_parser
+    from sd_cli.run.report import RunState, summary
+
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as done:  # --help, --version, or a usage error already printed by argparse
+        raw = sys.argv[1:] if argv is None else argv
+        if parser.last_error is not None and "--json" in raw:  # the same JSON as every other usage error
+            _fail_quietly(lambda state, m, c, as_json: _json_usage(m, c), None, parser.last_error, 2, True)
         return int(done.code or 0)
     logging.basicConfig(
         level=logging.DEBUG if args.debug else (logging.ERROR if args.quiet else logging.WARNING),
@@ -140,30 +158,80 @@ def _main(argv: list[str] | None) -> int:
     state = RunState()
     try:
         code = _execute(args, argv, state)
-    except KeyboardInterrupt:
-        with _sigint_ignored():
-            summary(state, args.outdir, quiet=args.quiet, as_json=args.json, interrupted=True)
-        return EXIT_INTERRUPTED
-    except SdCliError as err:
-        if args.debug:
-            traceback.print_exc()
-        message = str(err)
-        if state.images and not args.replay:
-            message += (f" ({len(state.images)} image(s) written before it are kept; to finish, run the same "
-                        "command again with --resume)")
-        return fail(state, message, err.exit_code, as_json=args.json)
-    except Exception as err:  # not one of ours: out of memory, a driver error, or a bug
-        if args.debug:
-            traceback.print_exc()
-        if isinstance(err, MemoryError) or "out of memory" in str(err).lower():
-            return fail(state, "out of memory; try a smaller --H/--W or --n_samples", 1, as_json=args.json)
-        first = (str(err).strip().splitlines() or [""])[0]
-        return fail(state, f"unexpected {type(err).__name__}: {first} (run again with --debug for the traceback)", 1,
-                    as_json=args.json)
-    if not args.replay:
-        summary(state, args.outdir, quiet=args.quiet, as_json=args.json)
+        if not args.replay:
+            summary(state, args.outdir, quiet=args.quiet, as_json=args.json)
+    except BaseException as err:  # noqa: BLE001 - every way out becomes one line and an exit code
+        if isinstance(err, SystemExit):
+            raise
+        return _failed(err, args, state)
     return code
 
 
+def _failed(err: BaseException, args: argparse.Namespace, state) -> int:
+    """The exit code and the one line (and --json report) for a run that did not finish."""
+    from sd_cli.run.report import fail, summary
+
+    if args.debug:
+        traceback.print_exc()
+    stop = signals.stopped_by(err)
+    if stop is not None:  # Ctrl-C or SIGTERM, whatever exception it surfaced as
+        with signals.ignored():
+            try:
+                summary(state, args.outdir, quiet=args.quiet, as_json=args.json, interrupted=True)
+            except StdoutError:
+                pass  # stdout gone as well: the summary line on stderr is out
+        return signals.EXIT_CODES[stop]
+    if isinstance(err, StdoutClosedByReader):
+        return err.exit_code  # the reader went away (`--json | head`): quiet, as Unix tools are
+    as_json = args.json and not isinstance(err, StdoutError)  # no second try at a stdout that failed
+    if isinstance(err, SdCliError):
+        message = str(err)
+        if state.images and not args.replay and not isinstance(err, StdoutError):
+            message += (f" ({len(state.images)} image(s) written before it are kept; to finish, run the same "
+                        "command again with --resume)")
+        return _fail_quietly(fail, state, message, err.exit_code, as_json)
+    if isinstance(err, MemoryError) or "out of memory" in str(err).lower():
+        return _fail_quietly(fail, state, "out of memory; try a smaller --H/--W or --n_samples", 1, as_json)
+    if not isinstance(err, Exception):
+        raise err
+    first = (str(err).strip().splitlines() or [""])[0]
+    return _fail_quietly(fail, state, f"unexpected {type(err).__name__}: {first} (run again with --debug for the "
+                         "traceback)", 1, as_json)
+
+
+def _json_usage(message: str, code: int) -> int:
+    from sd_cli.run.report import print_json
+
+    print_json({"ok": False, "error": message, "images": [], "grid": None})
+    return code
+
+
+def _fail_quietly(fail, state, message: str, code: int, as_json: bool) -> int:
+    try:
+        return fail(state, message, code, as_json=as_json)
+    except StdoutError:  # the JSON of a failure could not be written either: the line on stderr is out
+        return code
+
+
+def run() -> None:
+    """The program's entry point (`sd-txt2img`, `python -m sd_cli`): `main`, then exit with its code.
+
+    An interrupted run ends with `os._exit` once stdout and stderr are flushed: a Ctrl-C that passed through
+    a C extension's embedded Python call (pybind11 runs some) can leave CPython's "unhandled Ctrl-C" flag
+    set, and the interpreter would then kill itself with SIGINT at exit (seen in 1 of 4 interrupts while
+    the model loads) instead of returning 130. Every file is already complete by then.
+    """
+    code = main()
+    if code in signals.EXIT_CODES.values():
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                if stream is not None:
+                    stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -19,7 +19,10 @@ from sd_cli.weights.dtypes import DTYPE_CHOICES
 class _Parser(argparse.ArgumentParser):
     """argparse that prints one line (not the whole usage) before exiting 2."""
 
+    last_error: str | None = None  # the usage error just printed (the CLI repeats it in --json)
+
     def error(self, message: str) -> None:  # type: ignore[override]
+        self.last_error = f"{message} (see --help)"
         self.exit(2, f"{self.prog}: error: {one_line(message)} (see --help)\n")
 
 
@@ -59,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _what_to_draw(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("what to draw")
-    g.add_argument("--prompt", default=DEFAULT_PROMPT, help="the prompt to render (default: %(default)r)")
+    g.add_argument("--prompt", default=None, help=f"the prompt to render (default: {DEFAULT_PROMPT!r})")
     g.add_argument("--negative-prompt", "--negative_prompt", dest="negative_prompt", default="",
                    help="what to steer away from; replaces the empty unconditional prompt of guidance")
     g.add_argument("--from-file", "--from_file", dest="from_file", metavar="FILE",

@@ -13,6 +13,7 @@ and then any noise the sampler adds.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -26,6 +27,11 @@ from sd_cli.run.work import WorkItem, WorkPlan
 from sd_cli.version import __version__
 
 StepCallback = Callable[[int, int, object], None]  # (step index, total steps, latents)
+
+
+def path_text(path) -> str:
+    """A path as text that can go into a PNG or JSON: bytes that are not UTF-8 become \\xNN escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def missing_checkpoint_message(path: str) -> str:
@@ -131,7 +137,7 @@ class StableDiffusion:
             "width": gen.width,
             "height": gen.height,
             "model_hash": self.model_hash,
-            "model_name": self.runtime.ckpt.stem,
+            "model_name": path_text(self.runtime.ckpt.stem),  # undecodable file-name bytes escaped
             "dtype": self.dtype_name,
             "vae_decode": decode_method(self.runtime.vae_tiling, gen.height, gen.width),  # whole | bands | tiles
             "device": self.device.type,

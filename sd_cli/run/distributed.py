@@ -297,11 +297,14 @@ def close() -> None:
     before the gather) skips the barrier: the other ranks may be in another collective, and waiting for
     them there would hang instead of failing.
     """
-    if "torch.distributed" not in sys.modules:
+    dist = sys.modules.get("torch.distributed")
+    if dist is None:
         return
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
+    try:  # an import of torch that Ctrl-C cut short leaves a half-made module behind
+        joined = dist.is_available() and dist.is_initialized()
+    except Exception:  # noqa: BLE001
+        return
+    if joined:
         if _LEAVE_TOGETHER:
             try:
                 dist.barrier()

@@ -220,7 +220,7 @@ def _engine(req: ReplayRequest, runtime, rec: Recorded, log):
     return sd
 
 
-def _regenerate(sd, rec: Recorded, path: Path, quiet: bool) -> dict[bool, np.ndarray]:
+def _regenerate(sd, rec: Recorded, meta: dict, path: Path, quiet: bool):
     """The image's whole batch made again through the render path; {watermarked?: pixels} for the
     options the metadata allows (an image from before the `watermark` field tries both)."""
     from tqdm import tqdm
@@ -234,7 +234,7 @@ def _regenerate(sd, rec: Recorded, path: Path, quiet: bool) -> dict[bool, np.nda
         gen = Generation((rec.prompt,), negative_prompt=rec.negative_prompt, sampler=rec.sampler, steps=rec.steps,
                          scale=rec.scale, eta=rec.eta, seed=rec.seed, height=rec.height, width=rec.width,
                          latent_channels=m.latent_channels, factor=m.downscale, n_samples=rec.n_samples,
-                         watermark=False)
+                         fixed_code=meta.get("fixed_code") is True, watermark=False)
     except UsageError as err:
         raise ReplayError(f"{path}: its sd_cli metadata cannot be replayed: {err}") from None
     item = WorkItem(0, 0, (rec.prompt,) * rec.batch_size, rec.seed, ())
@@ -248,7 +248,7 @@ def _regenerate(sd, rec: Recorded, path: Path, quiet: bool) -> dict[bool, np.nda
         options[True] = apply_watermark(img)
     if rec.watermark is not None:
         options = {rec.watermark: options[rec.watermark]}
-    return options
+    return options, gen
 
 
 def _write(req: ReplayRequest, sd, rec: Recorded, meta: dict, text: str | None, img: np.ndarray, marked: bool,
@@ -290,47 +290,82 @@ def replay(req: ReplayRequest, runtime, state) -> int:
     sd = _engine(req, runtime, rec, log)
     t0 = time.perf_counter()
     sd.pipeline()
-    options = _regenerate(sd, rec, path, req.quiet)
+    options, gen = _regenerate(sd, rec, meta, path, req.quiet)
     results = {marked: compare(candidate, original) for marked, candidate in options.items()}
     marked = min(results, key=lambda m: (not results[m]["identical"], results[m]["mean_abs_diff"]))
     result, chosen = results[marked], options[marked]
-    bytes_identical = None
-    if result["identical"] and text is not None:
+    check = check_metadata(sd, gen, rec, meta, text, marked)
+    if result["identical"] and check["differs"] == [] and check["text_matches"]:
         try:
-            bytes_identical = png_bytes(chosen, text, meta) == path.read_bytes()
-        except Exception:  # noqa: BLE001 - the byte check is a bonus; the pixel verdict stands
-            bytes_identical = None
+            check["bytes_identical"] = png_bytes(chosen, check["text"], check["meta"]) == path.read_bytes()
+        except Exception:  # noqa: BLE001 - the byte check is a bonus; the verdict stands on pixels and texts
+            pass
     written = _write(req, sd, rec, meta, text, chosen, marked, state) if req.write_dir is not None else None
     log.info(f"replayed in {time.perf_counter() - t0:.1f} s")
-    _report(req, sd, rec, result, bytes_identical, marked, written)
-    return 0 if result["identical"] else 1
+    _report(req, sd, rec, result, check, marked, written)
+    return 0 if result["identical"] and not check["differs"] and check["text_matches"] else 1
 
 
-def _report(req: ReplayRequest, sd, rec: Recorded, result: dict, bytes_identical, marked: bool, written) -> None:
-    from sd_cli.run.report import print_json
+# Fields that say where and with what an image was made, not what it is: a replay elsewhere may differ in
+# them (reported, not a mismatch). The file's values are kept when the expected bytes are rebuilt.
+ENVIRONMENT_FIELDS = ("device", "dtype", "threads", "sd_cli_version", "model_name")
+_NOT_COMPARED = ("replay_of", "vae_tiled")  # written by --replay --outdir; a field of early versions
 
+
+def check_metadata(sd, gen, rec: Recorded, meta: dict, text: str | None, marked: bool) -> dict:
+    """The metadata these settings write, against the file's: which sd_cli fields differ (model hash
+    included), and whether the A1111 text is the one they write. Only fields the file has are compared,
+    so files from before a field existed still replay."""
+    from sd_cli.output.a1111 import a1111_text
+    from sd_cli.sampling.samplers import get_sampler
+
+    expected = {**sd.base_metadata(gen), "prompt": rec.prompt, "seed": rec.seed, "batch_size": rec.batch_size,
+                "batch_index": rec.batch_index, "n_samples": rec.n_samples, "iteration": meta.get("iteration", 0),
+                "watermark": marked}
+    expected.update({k: meta[k] for k in ENVIRONMENT_FIELDS if k in meta})
+    expected.update({k: meta[k] for k in _NOT_COMPARED if k in meta})
+    differs = sorted(k for k in meta if k not in _NOT_COMPARED and (k not in expected or meta[k] != expected[k]))
+    written = a1111_text(expected, get_sampler(gen.sampler).schedule)
+    return {"differs": differs, "text_matches": text == written, "text": written, "meta": expected,
+            "expected": {k: expected.get(k) for k in differs}, "found": {k: meta[k] for k in differs},
+            "bytes_identical": None}
+
+
+def _verdict(req: ReplayRequest, sd, rec: Recorded, result: dict, check: dict) -> str:
     path = req.image
     what = (f"{rec.width}x{rec.height}, seed {rec.seed}, {rec.sampler} {rec.steps} steps, "
             f"image {rec.batch_index + 1} of {rec.batch_size}")
-    if result["identical"]:
-        tail = {True: "; the PNG file is byte-identical too", False: "; the PNG file itself differs (re-saved by "
-                "another program, or another Pillow/zlib?)", None: ""}[bytes_identical]
-        verdict = f"identical: {path} regenerated pixel for pixel ({what}){tail}"
-    else:
-        verdict = (f"differs: {path}: mean abs difference {result['mean_abs_diff']:.4f}, max {result['max_abs_diff']} "
-                   f"(0-255 scale), {100 * result['differing_pixels']:.2f}% of pixels differ ({what}; recorded on "
-                   f"{rec.device} {rec.dtype}, replayed on {sd.device.type} {sd.dtype_name})")
+    if not result["identical"]:
+        return (f"differs: {path}: mean abs difference {result['mean_abs_diff']:.4f}, max {result['max_abs_diff']} "
+                f"(0-255 scale), {100 * result['differing_pixels']:.2f}% of pixels differ ({what}; recorded on "
+                f"{rec.device} {rec.dtype}, replayed on {sd.device.type} {sd.dtype_name})")
+    if check["differs"]:
+        fields = ", ".join(f"{k} (file {check['found'][k]!r:.40}, these settings write {check['expected'][k]!r:.40})"
+                           for k in check["differs"])
+        return f"differs: {path}: the pixels are identical, but its sd_cli metadata is not what they write: {fields}"
+    if not check["text_matches"]:
+        return (f"differs: {path}: the pixels are identical, but its A1111 parameters text is not the one its "
+                "settings write (edited by hand or by another program?)")
+    tail = {True: "; the PNG file is byte-identical too", False: "; the PNG file itself differs (re-saved by "
+            "another program, or another Pillow/zlib?)", None: ""}[check["bytes_identical"]]
+    return f"identical: {path} regenerated pixel for pixel ({what}), its metadata and parameters text too{tail}"
+
+
+def _report(req: ReplayRequest, sd, rec: Recorded, result: dict, check: dict, marked: bool, written) -> None:
+    from sd_cli.run.report import print_json, write_stdout
+
+    verdict = _verdict(req, sd, rec, result, check)
     if written is not None:
         verdict += f"; regenerated image written to {written}"
     if not req.json:
-        print(verdict)
-        sys.stdout.flush()
+        write_stdout(verdict)
         return
     if not req.quiet:
         print(verdict, file=sys.stderr)
     print_json({
-        "ok": result["identical"], **result, "bytes_identical": bytes_identical, "image": str(path),
-        "watermark": marked,
+        "ok": result["identical"] and not check["differs"] and check["text_matches"], **result,
+        "metadata_differs": check["differs"], "parameters_text_matches": check["text_matches"],
+        "bytes_identical": check["bytes_identical"], "image": str(req.image), "watermark": marked,
         "recorded": {"device": rec.device, "dtype": rec.dtype, "threads": rec.threads, "model_hash": rec.model_hash},
         "replayed": {"device": sd.device.type, "dtype": sd.dtype_name, "threads": sd.threads,
                      "model_hash": sd.model_hash},

@@ -8,11 +8,13 @@ which holds what has been written so far, so they are right even after Ctrl-C.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, field
 
-EXIT_INTERRUPTED = 130
+from sd_cli.errors import StdoutClosedByReader, StdoutError
+
 
 
 def one_line(text: str) -> str:
@@ -36,7 +38,13 @@ class Log:
 
     def warn(self, msg: str) -> None:
         rank = f"[rank {self.rank}] " if self.rank else ""
-        print(f"warning: {rank}{msg}", file=sys.stderr)
+        line = f"warning: {rank}{msg}"
+        if "tqdm" in sys.modules:  # a progress bar may be on screen: print above it, not into its line
+            from tqdm import tqdm
+
+            tqdm.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr)
 
     @property
     def bars(self) -> bool:
@@ -58,13 +66,44 @@ class RunState:
     started: float = field(default_factory=time.perf_counter)
 
 
+def _stdout_to_devnull() -> None:
+    """After stdout failed: point its descriptor at /dev/null, so the interpreter's last flush of what is
+    still buffered cannot fail again (a second error, or Python's "Exception ignored" lines)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def write_stdout(text: str) -> None:
+    """One line on stdout, flushed. A reader that went away (EPIPE) and a closed or full stdout raise
+    StdoutError subclasses instead of a traceback."""
+    out = sys.stdout
+    if out is None:  # started with stdout closed (`>&-`)
+        raise StdoutError("standard output is closed; the report was not written")
+    try:
+        out.write(text + "\n")
+        out.flush()
+    except BrokenPipeError:
+        _stdout_to_devnull()
+        raise StdoutClosedByReader("standard output was closed by its reader") from None
+    except (OSError, ValueError) as err:  # ENOSPC, EIO, a closed file object
+        _stdout_to_devnull()
+        reason = getattr(err, "strerror", None) or str(err)
+        raise StdoutError(f"cannot write the report to standard output ({reason})") from None
+
+
 def print_json(obj: dict) -> None:
     """One JSON line on stdout; non-ASCII kept where stdout can take it, escaped where it cannot."""
     try:
-        print(json.dumps(obj, ensure_ascii=False))
+        text = json.dumps(obj, ensure_ascii=False)
+        if sys.stdout is not None and sys.stdout.encoding:
+            text.encode(sys.stdout.encoding)
     except UnicodeEncodeError:  # e.g. an ASCII-only stdout, or undecodable bytes in a path
-        print(json.dumps(obj, ensure_ascii=True))
-    sys.stdout.flush()
+        text = json.dumps(obj, ensure_ascii=True)
+    write_stdout(text)
 
 
 def summary(state: RunState, outdir: str, *, quiet: bool, as_json: bool, interrupted: bool = False) -> None:

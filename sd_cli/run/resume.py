@@ -188,23 +188,26 @@ def find_equal_grid(outdir: Path, metadata: dict, pixels: np.ndarray) -> Path | 
 
 @contextlib.contextmanager
 def deferred_interrupt() -> Iterator[None]:
-    """Hold SIGINT back inside the block; raise KeyboardInterrupt at its end if one came.
+    """Hold SIGINT and SIGTERM back inside the block; deliver the first one that came at its end.
 
     Used around "save an image, record it", so an interrupted run's summary lists exactly the images on
-    disk. Outside the main thread (where signal handlers cannot be set) it does nothing.
+    disk. A signal whose handler is SIG_IGN stays ignored. Outside the main thread (where signal handlers
+    cannot be set) it does nothing.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.getsignal(signal.SIGINT)
-    if previous in (signal.SIG_IGN, None):
-        yield
-        return
+    held = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) not in (signal.SIG_IGN, None)]
+    previous = {s: signal.getsignal(s) for s in held}
     pending: list[int] = []
-    signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+    for s in held:
+        signal.signal(s, lambda signum, frame: pending.append(signum))
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     if pending:
-        raise KeyboardInterrupt
+        if previous[pending[0]] is signal.default_int_handler:
+            raise KeyboardInterrupt
+        signal.raise_signal(pending[0])  # the handler that was there decides (the CLI's raises)

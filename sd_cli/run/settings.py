@@ -29,7 +29,8 @@ DEFAULT_SIZE = 512
 DEFAULT_SEED = 42
 SEED_LIMIT = 2**63  # seeds are 0 .. 2**63 - 1 (torch.Generator.manual_seed takes any int64)
 MAX_PIXELS = 4096 * 4096
-MAX_BATCH = 256  # largest batch a recorded image may claim (replay)
+MAX_BATCH = 256  # largest batch (--n_samples); also what a recorded image may claim (replay)
+MAX_IMAGES = 1_000_000  # images in one run (--n_iter x prompts): a year of 512x512 images on a CPU
 VAE_TILING = ("auto", "on", "tiles", "off")
 
 
@@ -121,8 +122,10 @@ class Generation:
         for name in ("n_samples", "n_iter"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name} {getattr(self, name)}: must be at least 1")
-        if not 0 <= self.seed < SEED_LIMIT:
-            raise UsageError(f"--seed {self.seed}: must be between 0 and 2**63-1")
+        if self.n_samples > MAX_BATCH:
+            raise UsageError(f"--n_samples {self.n_samples}: at most {MAX_BATCH} images per batch; use --n_iter "
+                             "for more")
+        self._check_counts()
         if not math.isfinite(self.scale):
             raise UsageError(f"--scale {self.scale}: must be a finite number")
         info = get_sampler(self.sampler)
@@ -133,6 +136,21 @@ class Generation:
                 raise UsageError(f"eta {self.eta} is not what {self.sampler} runs with; build with Generation.create")
         except UsageError as err:
             raise UsageError(f"--ddim_eta {self.eta}: {err}") from None
+
+    def _check_counts(self) -> None:
+        """At most MAX_IMAGES images, and every batch's seed (seed + batch number) below 2**63."""
+        per_iter = -(-len(self.prompts) // self.n_samples) if self.from_file else 1
+        batches = self.n_iter * per_iter
+        images = self.n_iter * (len(self.prompts) if self.from_file else self.n_samples)
+        if images > MAX_IMAGES:
+            raise UsageError(f"--n_iter {self.n_iter}: {images} images in one run, more than {MAX_IMAGES:,}; "
+                             "split the job into several runs")
+        if not 0 <= self.seed < SEED_LIMIT:
+            raise UsageError(f"--seed {self.seed}: must be between 0 and 2**63-1")
+        last = self.seed + (0 if self.fixed_code else batches - 1)
+        if last >= SEED_LIMIT:
+            raise UsageError(f"--seed {self.seed}: the last of the {batches} batches would get seed {last}, past "
+                             "2**63-1 (batch k uses seed + k); pick a smaller --seed")
 
     @classmethod
     def create(cls, prompts: list[str] | tuple[str, ...], *, demo: bool = False, sampler: str | None = None,

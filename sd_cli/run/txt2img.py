@@ -25,11 +25,29 @@ def txt2img(gen: Generation, runtime: Runtime, out: Output, state: RunState) -> 
 
     log = Log(out.quiet)
     ddp = from_env()  # under torchrun: this process's rank; None when run as one process
+    new = [d for d in (out.outdir, out.sample_dir) if not d.exists()]
     Sink(out, gen, {}, state).prepare()
+    try:
+        _run(gen, runtime, out, state, ddp, log)
+    except BaseException:
+        _remove_if_empty(reversed(new))  # a failed run leaves no empty folders behind
+        raise
+
+
+def _remove_if_empty(folders) -> None:
+    for folder in folders:
+        try:
+            folder.rmdir()  # only succeeds when empty
+        except OSError:
+            pass
+
+
+def _run(gen: Generation, runtime: Runtime, out: Output, state: RunState, ddp, log: Log) -> None:
     if ddp is not None:
         log = Log(out.quiet, ddp.rank)
     sd = StableDiffusion(runtime, ddp=ddp, log=log, gen=gen)
     state.rank = sd.rank
+    check_memory(sd, gen)
     base = sd.base_metadata(gen)
     items, sink = WorkPlan(gen, base), Sink(out, gen, base, state)
     plan = _resume_plan(out, ddp, log)
@@ -40,7 +58,7 @@ def txt2img(gen: Generation, runtime: Runtime, out: Output, state: RunState) -> 
 
         def make(item: WorkItem):
             images = _render_counted(sd, gen, item, state, log)
-            if gen.watermark and not gen.watermarked and not warned:  # said once, with the first images
+            if gen.watermark and not gen.watermarked and not warned and not out.quiet:  # once; -q: errors only
                 warned.append(True)
                 log.warn(f"image {gen.width}x{gen.height} is too small for the invisible watermark "
                          "(needs at least 256x256 pixels); saved without it")
@@ -50,6 +68,39 @@ def txt2img(gen: Generation, runtime: Runtime, out: Output, state: RunState) -> 
         pixels = run(items, plan, make, sink, lambda: bar.update(1))
     if pixels is not None and not out.skip_grid:
         sink.write_grid(pixels, resumed=plan is not None)
+
+
+def _available_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_memory(sd: StableDiffusion, gen: Generation) -> None:
+    """Refuse a batch whose untiled VAE decode cannot fit in this machine's free memory, before loading.
+
+    The decode's peak is at full resolution: about four tensors of ch channels per image (a ResnetBlock's
+    input, hidden, output and a GroupNorm temporary), which is what grows with --n_samples and --H/--W.
+    """
+    from sd_cli.pipeline.vae_tiling import decode_method
+
+    available = _available_bytes()
+    if sd.device.type != "cpu" or available is None or decode_method(sd.runtime.vae_tiling, gen.height,
+                                                                       gen.width) != "whole":
+        return
+    element = sd.dtype_choice.dtype.itemsize
+    need = gen.n_samples * gen.height * gen.width * sd.config.model.vae.ch * element * 4
+    if need > available:
+        from sd_cli.errors import UsageError
+
+        raise UsageError(f"--n_samples {gen.n_samples} at {gen.width}x{gen.height}: decoding the batch needs about "
+                         f"{need / 2**30:.1f} GiB, and {available / 2**30:.1f} GiB of memory is free; use a smaller "
+                         "--n_samples (and more --n_iter) or --vae-tiling on")
 
 
 def _resume_plan(out: Output, ddp, log: Log) -> ResumePlan | None:

@@ -9,7 +9,10 @@ scalars), plus inert placeholders for PyTorch Lightning classes. Any other globa
 (`_check_pickle_memo`) so that no memo index can make the C unpickler allocate more than the pickle's size.
 
 Storage data is memory-mapped copy-on-write and viewed with `torch.frombuffer`, so a 4 GB file is not
-read up front; every storage and tensor extent is bounds-checked before a view is made.
+read up front; every storage and tensor extent is bounds-checked before a view is made. A zip member must
+declare exactly the bytes its pickle record asks for (numel x itemsize); a compressed member (torch writes
+none, but zip tools can) is inflated in 1 MB steps straight into its one buffer and refused the moment it
+would give more, so a small file cannot make us allocate more than its own pickle declares.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import stat
 import struct
 import tempfile
 import zipfile
+import zlib
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -42,6 +46,8 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 _EMA_PREFIX = "model_ema."
 _MAX_PICKLE_BYTES = 256 * 1024 * 1024  # data.pkl of an SD checkpoint is ~100 KB
 _HASH_CHUNK = 1024 * 1024
+_INFLATE_CHUNK = 1024 * 1024  # bytes read or inflated per step of a compressed zip member
+_DEFLATE_MAX_RATIO = 1032  # deflate's ceiling: 258 bytes per 2-bit length/distance pair
 
 
 # --------------------------------------------------------------------------------------------------
@@ -227,11 +233,17 @@ def _itemsize(dtype: torch.dtype) -> int:
 
 
 class _ZipCheckpoint:
-    """Index of a torch zip archive plus a copy-on-write mapping of the file for storage data."""
+    """Index of a torch zip archive plus a copy-on-write mapping of the file for storage data.
+
+    Member bytes are never taken on trust from `zipfile`: a stored storage is a bounds-checked view of the
+    mapping; anything else is inflated by `_extract_into`, in bounded steps, straight into its one buffer.
+    """
 
     def __init__(self, path: Path, file: io.BufferedReader):
         self.path = path
-        self.size = os.fstat(file.fileno()).st_size
+        self.fd = file.fileno()
+        self.size = os.fstat(self.fd).st_size
+        self.inflated = 0  # bytes of compressed storages inflated so far (see `_charge`)
         try:
             self.zip = zipfile.ZipFile(file)
             infos = self.zip.infolist()
@@ -247,27 +259,37 @@ class _ZipCheckpoint:
             )
         self.prefix = pkl[0][: -len("data.pkl")]  # "archive/" or "" (very old writers)
         try:
-            self.map: mmap.mmap | None = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
+            self.map: mmap.mmap | None = mmap.mmap(self.fd, 0, access=mmap.ACCESS_COPY)
         except (OSError, ValueError):
             self.map = None  # unusual file systems; fall back to reading bytes
         byteorder = "little"  # files from torch < 1.10 have no byteorder record and are little-endian
         if self.prefix + "byteorder" in self.entries:
-            byteorder = self.read(self.prefix + "byteorder", limit=16).decode("ascii", "replace").strip()
+            raw = self.read(self.prefix + "byteorder", limit=16).getvalue()
+            byteorder = raw.decode("ascii", "replace").strip()
         if byteorder not in ("little", "big"):
             raise CheckpointError(f"checkpoint {path} declares an unknown byte order {byteorder!r}")
         self.big_endian = byteorder == "big"
 
-    def read(self, name: str, limit: int | None = None) -> bytes:
+    def read(self, name: str, limit: int) -> io.BytesIO:
+        """A small member (data.pkl, byteorder) as a file object: one buffer of its declared size."""
         info = self.entries[name]
-        if limit is not None and info.file_size > limit:
+        if info.file_size > limit:
             raise CheckpointError(f"checkpoint {self.path}: {name} is implausibly large ({info.file_size} bytes)")
-        try:
-            return self.zip.read(info)
-        except Exception as err:  # bad CRC, unknown compression, truncated entry, ...
-            raise CheckpointError(f"checkpoint {self.path}: cannot read {name} ({err}); corrupt file?") from None
+        out = io.BytesIO()
+        if info.file_size:
+            out.seek(info.file_size - 1)
+            out.write(b"\0")  # sizes the buffer once; the member is inflated into it in place
+            with out.getbuffer() as view:
+                self._extract_into(info, view)
+        out.seek(0)
+        return out
 
     def storage_bytes(self, key: str, nbytes: int) -> torch.Tensor:
-        """uint8 tensor of the first `nbytes` of `<prefix>/data/<key>`, mapped from the file when stored."""
+        """uint8 tensor of `<prefix>/data/<key>`, which must hold exactly `nbytes` (numel x itemsize).
+
+        A stored member is mapped from the file; a compressed one is inflated into a fresh tensor of
+        `nbytes`, never further, so a member cannot make us hold more than the pickle asked for.
+        """
         name = f"{self.prefix}data/{key}"
         info = self.entries.get(name)
         if info is None:
@@ -277,30 +299,137 @@ class _ZipCheckpoint:
                 f"checkpoint {self.path}: storage data/{key} holds {info.file_size} bytes but its tensor "
                 f"needs {nbytes}; truncated or corrupt file"
             )
+        if info.file_size > nbytes:
+            raise CheckpointError(
+                f"checkpoint {self.path}: storage data/{key} declares {info.file_size} bytes but its pickle "
+                f"record asks for {nbytes} (numel x itemsize); refusing a corrupt file or decompression bomb"
+            )
         if nbytes == 0:
             return torch.empty(0, dtype=torch.uint8)
         if info.compress_type == zipfile.ZIP_STORED and self.map is not None:
-            start = self._data_offset(info)
-            if start + info.file_size > self.size:
-                raise CheckpointError(
-                    f"checkpoint {self.path}: storage data/{key} runs past the end of the file; truncated?"
-                )
+            start, end = self._data_span(info)
             return torch.frombuffer(self.map, dtype=torch.uint8, count=nbytes, offset=start)
-        data = bytearray(self.read(name))
-        if len(data) < nbytes:
-            raise CheckpointError(f"checkpoint {self.path}: storage data/{key} is shorter than its zip entry says")
-        return torch.frombuffer(data, dtype=torch.uint8, count=nbytes)
+        self._charge(key, nbytes)
+        no_memory = f"checkpoint {self.path}: not enough memory to inflate storage data/{key} ({nbytes} bytes)"
+        try:
+            out = torch.empty(nbytes, dtype=torch.uint8)
+        except (MemoryError, RuntimeError):  # torch: "DefaultCPUAllocator: can't allocate memory"
+            raise CheckpointError(no_memory) from None
+        try:
+            self._extract_into(info, memoryview(out.numpy()))
+        except MemoryError:  # a 1 MB step's buffers under a tight limit
+            raise CheckpointError(no_memory) from None
+        return out
 
-    def _data_offset(self, info: zipfile.ZipInfo) -> int:
+    def _charge(self, key: str, nbytes: int) -> None:
+        """Refuse compressed storages that together need more memory than this machine has."""
+        self.inflated += nbytes
+        limit = _physical_memory()
+        if limit and self.inflated > limit:
+            raise CheckpointError(
+                f"checkpoint {self.path}: compressed storages up to data/{key} inflate to {self.inflated} bytes, "
+                f"more than this machine's {limit} bytes of memory; refusing it (decompression bomb?)"
+            )
+
+    def _extract_into(self, info: zipfile.ZipInfo, out: memoryview) -> None:
+        """Write member `info` into `out` (exactly `info.file_size` bytes) and check its CRC.
+
+        Inflation goes in steps of at most `_INFLATE_CHUNK` bytes in and out (zlib's `max_length`), and a
+        stream that would produce even one byte more than the declared size is refused.
+        """
+        name = info.filename
+        where = f"checkpoint {self.path}: {name}"
+        if info.flag_bits & 0x1:
+            raise CheckpointError(f"{where} is encrypted; not a PyTorch checkpoint")
+        method = info.compress_type
+        if method not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise CheckpointError(
+                f"{where} uses zip compression method {method}; only stored and deflated entries are supported"
+            )
+        size, packed = info.file_size, info.compress_size
+        if method == zipfile.ZIP_STORED and packed != size:
+            raise CheckpointError(f"{where} is stored but its sizes disagree ({packed} vs {size}); corrupt file")
+        if method == zipfile.ZIP_DEFLATED and size > _DEFLATE_MAX_RATIO * packed + 1024:
+            raise CheckpointError(
+                f"{where} declares {size} bytes from {packed} compressed bytes, more than deflate can "
+                "produce; refusing a corrupt file or decompression bomb"
+            )
+        start, end = self._data_span(info)
+        try:
+            if method == zipfile.ZIP_STORED:
+                pos = self._copy(start, size, out)
+            else:
+                pos = self._inflate(start, end, size, out, where)
+        except zlib.error as err:
+            raise CheckpointError(f"{where} cannot be inflated ({err}); corrupt file?") from None
+        except OSError as err:
+            raise CheckpointError(f"{where} cannot be read ({err.strerror or err})") from None
+        if pos != size:
+            raise CheckpointError(f"{where} inflates to {pos} bytes, not its declared {size}; truncated or corrupt")
+        if zlib.crc32(out[:size]) != info.CRC:
+            raise CheckpointError(f"{where} fails its CRC check; corrupt file (re-download it)")
+
+    def _copy(self, start: int, size: int, out: memoryview) -> int:
+        pos = 0
+        while pos < size:
+            chunk = self._read_at(start + pos, min(_INFLATE_CHUNK, size - pos))
+            if not chunk:
+                break
+            out[pos : pos + len(chunk)] = chunk
+            pos += len(chunk)
+        return pos
+
+    def _inflate(self, start: int, end: int, size: int, out: memoryview, where: str) -> int:
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)  # raw deflate, as in zip
+        pos, src = 0, start
+        while not inflater.eof:
+            data = inflater.unconsumed_tail
+            if not data and src < end:
+                data = self._read_at(src, min(_INFLATE_CHUNK, end - src))
+                src += len(data)
+            if not data:
+                break  # input used up before the stream's end: truncated
+            # max_length 0 would mean "no limit"; at the declared size ask for 1 byte to detect any excess.
+            piece = inflater.decompress(data, max(1, min(_INFLATE_CHUNK, size - pos)))
+            if len(piece) > size - pos:
+                raise CheckpointError(
+                    f"{where} inflates to more than its declared {size} bytes; refusing a decompression bomb"
+                )
+            out[pos : pos + len(piece)] = piece
+            pos += len(piece)
+        if not inflater.eof:
+            raise CheckpointError(f"{where}: its compressed data ends early; truncated or corrupt file")
+        return pos
+
+    def _read_at(self, offset: int, n: int) -> bytes:
+        if self.map is not None:
+            return self.map[offset : offset + n]
+        return os.pread(self.fd, n, offset)
+
+    def _data_span(self, info: zipfile.ZipInfo) -> tuple[int, int]:
+        """[start, end) of the member's (compressed) bytes in the file, checked against the file size."""
         # Local file header: 30 fixed bytes, then the file name and an extra field of the lengths given.
         header = info.header_offset
         if header < 0 or header + 30 > self.size:
             raise CheckpointError(f"checkpoint {self.path}: zip entry {info.filename} points past the end of the file")
-        local = self.map[header : header + 30]  # type: ignore[index]
+        local = self._read_at(header, 30)
         if local[:4] != b"PK\x03\x04":
             raise CheckpointError(f"checkpoint {self.path}: zip entry {info.filename} has a bad local header")
         name_len, extra_len = struct.unpack("<HH", local[26:30])
-        return header + 30 + name_len + extra_len
+        start = header + 30 + name_len + extra_len
+        end = start + info.compress_size
+        if end > self.size:
+            raise CheckpointError(
+                f"checkpoint {self.path}: zip entry {info.filename} runs past the end of the file; truncated?"
+            )
+        return start, end
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
 
 
 def _read_torch_zip(path: Path) -> Any:
@@ -312,13 +441,15 @@ def _read_torch_zip(path: Path) -> Any:
         archive = _ZipCheckpoint(path, file)
         data = archive.read(archive.prefix + "data.pkl", limit=_MAX_PICKLE_BYTES)
         _check_pickle_memo(data, path)
-        unpickler = _RestrictedUnpickler(io.BytesIO(data), archive)
+        unpickler = _RestrictedUnpickler(data, archive)
         try:
             return unpickler.load()
         except CheckpointError:
             raise
         except _Malformed as err:
             raise CheckpointError(f"checkpoint {path}: {err}") from None
+        except MemoryError:
+            raise CheckpointError(f"checkpoint {path}: not enough memory to unpickle data.pkl") from None
         except Exception as err:  # malformed pickle opcodes, wrong argument types to our rebuilders, ...
             detail = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise CheckpointError(
@@ -329,7 +460,7 @@ def _read_torch_zip(path: Path) -> Any:
 _MEMO_PUTS = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
 
 
-def _check_pickle_memo(data: bytes, path: Path) -> None:
+def _check_pickle_memo(data: io.BytesIO, path: Path) -> None:
     """Refuse a pickle whose memo indices are larger than the pickle itself, before unpickling.
 
     The C unpickler grows its memo array to the largest index a PUT names, so a 9-byte pickle with
@@ -339,9 +470,10 @@ def _check_pickle_memo(data: bytes, path: Path) -> None:
     """
     import pickletools
 
+    size = len(data.getbuffer())
     try:
         for opcode, arg, pos in pickletools.genops(data):
-            if opcode.name in _MEMO_PUTS and (not isinstance(arg, int) or not 0 <= arg <= len(data)):
+            if opcode.name in _MEMO_PUTS and (not isinstance(arg, int) or not 0 <= arg <= size):
                 raise CheckpointError(
                     f"checkpoint {path} has a corrupt pickle (data.pkl: memo index {arg} at byte {pos} is "
                     f"larger than the pickle itself)"
@@ -351,6 +483,8 @@ def _check_pickle_memo(data: bytes, path: Path) -> None:
     except Exception as err:  # unknown opcode, truncated argument, no STOP, ...
         detail = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise CheckpointError(f"checkpoint {path} has a corrupt or unsupported pickle (data.pkl: {detail})") from None
+    finally:
+        data.seek(0)
 
 
 # --------------------------------------------------------------------------------------------------

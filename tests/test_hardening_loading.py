@@ -218,6 +218,26 @@ def test_well_formed_deflated_members_still_load(tmp_path):
     assert got["big"].data_ptr() % 4 == 0
 
 
+def test_without_mmap_stored_and_deflated_members_are_read_the_same(tmp_path, monkeypatch):
+    import sd_cli.weights.checkpoint as checkpoint
+
+    sd = {"a": torch.randn(300, 11), "b": torch.arange(5, dtype=torch.int16)}
+    stored = tmp_path / "stored.ckpt"
+    torch.save(sd, stored)
+    deflated = tmp_path / "deflated.ckpt"
+    with zipfile.ZipFile(stored) as src, zipfile.ZipFile(deflated, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info))
+
+    def no_mmap(*args, **kwargs):
+        raise OSError("mmap not supported here")
+
+    monkeypatch.setattr(checkpoint.mmap, "mmap", no_mmap)
+    for path in (stored, deflated):
+        got = read_state_dict(path)
+        assert sorted(got) == ["a", "b"] and all(torch.equal(got[k], sd[k]) for k in sd), path
+
+
 def test_corrupt_deflated_member_gives_one_clear_line(tmp_path):
     payload = np.arange(SMALL_NUMEL, dtype=np.float32).tobytes()
     path = _write_ckpt(tmp_path / "crc.ckpt", SMALL_NUMEL, [payload], total=len(payload))

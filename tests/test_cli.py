@@ -119,7 +119,7 @@ def test_plms_and_dpm_solver_flags_are_aliases(tiny_files, tmp_path):
 def test_watermark_is_embedded_unless_disabled(tiny_files, tmp_path):
     from sd_cli.output.watermark import read_watermark
 
-    base = ["--H", "256", "--W", "256", "--n_samples", "1", "--skip_grid", "--ddim_steps", "2"]
+    base = ["--H", "512", "--W", "512", "--n_samples", "1", "--skip_grid", "--ddim_steps", "2"]
     assert run_cli(tiny_files, tmp_path / "wm", *base) == 0  # run_cli passes --no-watermark
     plain = pixels(tmp_path / "wm/samples/00000.png")
     argv = ["--ckpt", str(tiny_files["safetensors"]), "--config", str(tiny_files["config"]),
@@ -203,10 +203,16 @@ def test_empty_prompt_file_is_usage_error(tiny_files, tmp_path, capsys):
 
 
 def test_long_prompt_warns_about_dropped_tokens(tiny_files, tmp_path, capsys):
+    """Plain text is cut at CLIP's 75 tokens, with a warning; A1111's syntax (the default) reads it all in
+    chunks, warns about nothing and records the token count."""
     long_prompt = " ".join(["cat"] * 80)
-    assert run_cli(tiny_files, tmp_path / "o", "--prompt", long_prompt, "--skip_grid", "--n_samples", "1") == 0
+    assert run_cli(tiny_files, tmp_path / "o", "--prompt", long_prompt, "--skip_grid", "--n_samples", "1",
+                   "--prompt-syntax", "plain") == 0
     err = capsys.readouterr().err
     assert "80 tokens" in err and "last 5 were dropped" in err
+    assert run_cli(tiny_files, tmp_path / "a", "--prompt", long_prompt, "--skip_grid", "--n_samples", "1") == 0
+    assert "dropped" not in capsys.readouterr().err
+    assert read_png_metadata(tmp_path / "a/samples/00000.png")[1]["token_count"] == 80
 
 
 def test_python_m_and_console_entry_behave_the_same(tiny_files, tmp_path):

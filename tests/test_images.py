@@ -178,7 +178,7 @@ def test_watermark_channel_order_matches_compvis():
     # CompVis: encode(cv2.cvtColor(rgb, RGB2BGR), 'dwtDct') then flip back to RGB.
     from imwatermark import WatermarkEncoder
 
-    img = _natural_image(seed=1, size=256)
+    img = _natural_image(seed=1, size=512)
     enc = WatermarkEncoder()
     enc.set_watermark("bytes", b"StableDiffusionV1")
     expected = enc.encode(np.ascontiguousarray(img[:, :, ::-1]), "dwtDct")[:, :, ::-1]
@@ -195,10 +195,12 @@ def test_watermark_small_image_is_skipped_and_flagged():
     assert "\n" not in msg and "256x255" in msg and "too small" in msg
 
 
-def test_watermark_threshold_is_area_like_imwatermark():
-    # imwatermark checks rows * cols >= 256 * 256, so 128x512 is accepted.
-    out = apply_watermark(_natural_image(seed=2, size=512)[:128])
-    assert out.shape == (128, 512, 3)
+def test_watermark_threshold_is_a_pixel_count():
+    # can_watermark counts pixels in whole 8x8 blocks (>= 512 * 512), so 256x1024 is accepted, 256x512 not.
+    out = apply_watermark(_natural_image(seed=2, size=1024)[:256])
+    assert out.shape == (256, 1024, 3)
+    with pytest.raises(WatermarkSkipped):
+        apply_watermark(_natural_image(seed=2, size=512)[:256])
 
 
 # ---------------------------------------------------------------------------- A1111 text

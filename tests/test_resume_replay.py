@@ -49,7 +49,8 @@ META = {"prompt": "a cat", "negative_prompt": "", "seed": 42, "batch_index": 0, 
         "iteration": 0, "device": "cpu", "threads": 2, "sd_cli_version": "0.1.0", "model_name": "m"}
 OTHER = {"prompt": "a dog", "negative_prompt": "blurry", "seed": 43, "batch_index": 1, "batch_size": 3,
          "n_samples": 3, "steps": 21, "sampler": "plms", "scale": 7.0, "eta": 0.5, "width": 72, "height": 56,
-         "model_hash": "abcdefabcd", "dtype": "float16", "vae_decode": "tiles", "watermark": True}
+         "model_hash": "abcdefabcd", "dtype": "float16", "vae_decode": "tiles", "watermark": True,
+         "prompt_syntax": "a1111", "clip_skip": 2}  # (the last two: absent in META, which means plain, 1)
 
 
 def _png(directory: Path, meta: dict, value: int = 0) -> Path:
@@ -156,14 +157,14 @@ def replay_argv(micro, image: Path, *extra: str, fmt: str = "safetensors") -> li
 @pytest.fixture(scope="module")
 def made(micro, tmp_path_factory):
     """Images to replay: a from-file batch with different prompts per row and a smaller last batch,
-    256x256 with the watermark; and a plain 64x64 image."""
+    512x512 with the watermark; and a plain 64x64 image."""
     d = tmp_path_factory.mktemp("replay")
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         (d / "prompts.txt").write_text("a red cube\na blue ball\na green cone\n")
         argv = micro_argv(micro, d / "marked", "--from-file", str(d / "prompts.txt"), "--n_samples", "2",
-                          "--H", "256", "--W", "256", "--seed", "11")
+                          "--H", "512", "--W", "512", "--seed", "11")
         argv.remove("--no-watermark")
         assert main(argv) == 0
         assert main(micro_argv(micro, d / "plain", "--skip_grid")) == 0
@@ -189,7 +190,7 @@ def test_replay_is_identical_and_writes_nothing_by_default(micro, made, tmp_path
     assert meta["batch_size"] == 1 and meta["n_samples"] == 2
     assert main(replay_argv(micro, samples / "00002.png", "--outdir", "again")) == 0
     out = capsys.readouterr().out
-    assert out.startswith(f"identical: {samples / '00002.png'} regenerated pixel for pixel (256x256, seed 12")
+    assert out.startswith(f"identical: {samples / '00002.png'} regenerated pixel for pixel (512x512, seed 12")
     assert "the PNG file is byte-identical too" in out and "written to again/samples/00000.png" in out
     assert np.array_equal(pixels(tmp_path / "again/samples/00000.png"), pixels(samples / "00002.png"))
     assert read_png_metadata(tmp_path / "again/samples/00000.png")[1]["replay_of"] == str(samples / "00002.png")
@@ -243,7 +244,8 @@ def test_replay_checks_the_model_hash(micro, made, capsys):
     assert "add --force to replay anyway" in err
     rc = main(replay_argv(micro, image, "--force", fmt="ckpt"))
     captured = capsys.readouterr()
-    assert rc == 0 and captured.out.startswith("identical:")
+    # Same pixels, but the file's model hash is not this checkpoint's: a difference (issue 13 item 5).
+    assert rc == 1 and captured.out.startswith("differs:") and "model_hash" in captured.out
     assert "warning: " in captured.err and "replaying anyway (--force)" in captured.err
 
 

@@ -25,7 +25,7 @@ from sd_cli.errors import SdCliError, StdoutClosedByReader, StdoutError, UsageEr
 GENERATION_DESTS = frozenset({
     "prompt", "negative_prompt", "from_file", "laion400m", "sampler", "plms", "dpm_solver", "ddim_steps", "steps",
     "ddim_eta", "scale", "seed", "fixed_code", "H", "W", "C", "f", "n_samples", "n_iter", "n_rows",
-    "skip_grid", "skip_save", "no_watermark", "resume",
+    "skip_grid", "skip_save", "no_watermark", "resume", "prompt_syntax", "clip_skip",
 })
 
 
@@ -71,7 +71,8 @@ def settings(args: argparse.Namespace):
         dpm_solver=args.dpm_solver, eta=args.ddim_eta, scale=args.scale, height=args.H, width=args.W,
         from_file=bool(args.from_file), negative_prompt=args.negative_prompt, seed=args.seed,
         fixed_code=args.fixed_code, latent_channels=args.C, factor=args.f, n_samples=args.n_samples,
-        n_iter=args.n_iter, watermark=not args.no_watermark,
+        n_iter=args.n_iter, watermark=not args.no_watermark, prompt_syntax=args.prompt_syntax,
+        clip_skip=args.clip_skip,
     )
     return gen, runtime, out
 

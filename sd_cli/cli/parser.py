@@ -69,6 +69,14 @@ def _what_to_draw(p: argparse.ArgumentParser) -> None:
                    help="read prompts from FILE, one per line (UTF-8, BOM and CRLF fine; blank lines and lines "
                         "starting with # are skipped); batches of --n_samples, the last one may be smaller")
     g.add_argument("--laion400m", action="store_true", help="(CompVis) not supported: refused with an error")
+    g.add_argument("--prompt-syntax", "--prompt_syntax", dest="prompt_syntax", choices=("a1111", "plain"),
+                   default="a1111",
+                   help="a1111 (default): AUTOMATIC1111's prompt language: (word) x1.1, [word] /1.1, (word:1.3), "
+                        "\\( for a literal bracket, BREAK starts a new 75-token chunk, prompts of any length "
+                        "(README 'Prompts'); plain: the text as it is, cut at CLIP's 75 tokens")
+    g.add_argument("--clip-skip", "--clip_skip", dest="clip_skip", type=int, default=1,
+                   help="A1111's 'Clip skip': use the text encoder's output N layers from its end, through its "
+                        "final layer norm; 1 is SD's own (default: %(default)s; 2 for many anime fine-tunes)")
 
 
 def _sampling(p: argparse.ArgumentParser, names: list[str], sampler_lines: str) -> None:

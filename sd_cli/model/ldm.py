@@ -79,9 +79,11 @@ class LatentDiffusion(nn.Module):
             self.register_buffer(name, value.to(torch.float32), persistent=True)
 
     # The three stages, each one call. Shapes for SD v1 at 512x512 and batch B.
-    def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
-        """Token ids (B, 77) -> context (B, 77, 768)."""
-        return self.cond_stage_model(ids)
+    def encode_text(self, ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+        """Token ids (B, 77) -> context (B, 77, 768); clip_skip > 1 stops that many layers early."""
+        if clip_skip == 1:
+            return self.cond_stage_model(ids)
+        return self.cond_stage_model(ids, clip_skip)
 
     def unet(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """Latents (B, 4, 64, 64), timesteps (B,), context (B, 77, 768) -> eps (B, 4, 64, 64)."""

@@ -34,7 +34,7 @@ class _TransformerLevel(nn.Module):
 
 
 class FrozenCLIPEmbedder(nn.Module):
-    """Token ids (B, 77) -> last hidden state after the final layer norm (B, 77, hidden)."""
+    """Token ids (B, 77) -> last hidden state after the final layer norm (B, 77, hidden); CLIP skip."""
 
     def __init__(self, cfg: TextEncoderConfig):
         super().__init__()
@@ -64,6 +64,13 @@ class FrozenCLIPEmbedder(nn.Module):
         inner.embeddings.register_buffer("position_ids", ids, persistent=True)
         self.transformer = _TransformerLevel(inner)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        out = self.transformer.text_model(input_ids=ids)
-        return out.last_hidden_state  # (B, 77, hidden)
+    def forward(self, ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+        """CLIP skip N > 1 (A1111's "Clip skip"): the output of layer -N, through the final layer norm."""
+        text_model = self.transformer.text_model
+        if clip_skip == 1:
+            return text_model(input_ids=ids).last_hidden_state  # (B, 77, hidden)
+        layers = len(text_model.encoder.layers)
+        if not 1 <= clip_skip <= layers:
+            raise ValueError(f"clip skip {clip_skip}: this text encoder has {layers} layers")
+        out = text_model(input_ids=ids, output_hidden_states=True)
+        return text_model.final_layer_norm(out.hidden_states[-clip_skip])  # (B, 77, hidden)

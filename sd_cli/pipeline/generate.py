@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from sd_cli.errors import SdCliError
+from sd_cli.pipeline.conditioning import chunk_prompt, encode_chunked
 from sd_cli.pipeline.guidance import guided_eps_model
 from sd_cli.output.pixels import to_uint8
 from sd_cli.model.ldm import LatentDiffusion
@@ -52,7 +53,11 @@ class Pipeline:
         # VAE decode: tiled above 512x512 (auto), redone in float32 if half precision gives NaN/inf.
         self.decoder = LatentDecoder(model, vae_tiling, self.on_warning)
 
-    def _encode(self, texts: list[str], what: str) -> torch.Tensor:
+    def _encode(self, texts: list[str], what: str, syntax: str = "plain", clip_skip: int = 1) -> torch.Tensor:
+        """Context (B, 77 k, 768) of `texts` (sd_cli.pipeline.conditioning)."""
+        if syntax == "a1111":
+            chunked = [chunk_prompt(text, self.tokenizer) for text in texts]
+            return encode_chunked(lambda ids: self.model.encode_text(ids, clip_skip), chunked, self.device)
         tok = self.tokenizer(texts)
         for text, dropped, n in zip(texts, tok.n_dropped, tok.n_tokens):
             if dropped:
@@ -60,7 +65,7 @@ class Pipeline:
                 self.on_warning(
                     f"{what} {short!r} is {n} tokens; CLIP reads 75, so the last {dropped} were dropped"
                 )
-        return self.model.encode_text(tok.ids.to(self.device))  # (B, 77, 768)
+        return self.model.encode_text(tok.ids.to(self.device), clip_skip)  # (B, 77, 768)
 
     def _nan_hint(self) -> str:
         dtype = next(self.model.parameters()).dtype
@@ -68,11 +73,13 @@ class Pipeline:
             return f"the model runs in {dtype_name(dtype)}; try --precision full (float32)"
         return "the model runs in float32: is --scale extreme, or are the weights damaged?"
 
-    def _uncond(self, negative_prompt: str, batch: int) -> torch.Tensor:
-        """The unconditional (or negative) context, encoded once per distinct text."""
-        if negative_prompt not in self._uncond_cache:
-            self._uncond_cache[negative_prompt] = self._encode([negative_prompt], "negative prompt")
-        return self._uncond_cache[negative_prompt].expand(batch, -1, -1)  # (B, 77, 768)
+    def _uncond(self, negative_prompt: str, batch: int, syntax: str, clip_skip: int) -> torch.Tensor:
+        """The unconditional (or negative) context, encoded once per distinct text and settings."""
+        key = (negative_prompt, syntax, clip_skip)
+        if key not in self._uncond_cache:
+            self._uncond_cache[key] = self._encode([negative_prompt], "negative prompt", syntax, clip_skip)
+        return self._uncond_cache[key].expand(batch, -1, -1)  # (B, 77 k, 768)
+
 
     @torch.inference_mode()
     def generate(
@@ -87,6 +94,8 @@ class Pipeline:
         eta: float = 0.0,
         generator: torch.Generator | None = None,
         callback: Callable[[int, int, torch.Tensor], None] | None = None,
+        prompt_syntax: str = "plain",
+        clip_skip: int = 1,
     ) -> np.ndarray:
         """Images (B, H, W, 3) uint8 for B prompts from start noise (B, 4, H/8, W/8)."""
         info = get_sampler(sampler)
@@ -95,8 +104,8 @@ class Pipeline:
             raise ValueError(f"noise batch {noise.shape[0]} != {batch} prompts")
 
         # 1. Encode the prompts (and the negative prompt, unless guidance is off).
-        cond = self._encode(prompts, "prompt")  # (B, 77, 768)
-        uncond = self._uncond(negative_prompt, batch) if scale != 1.0 else None
+        cond = self._encode(prompts, "prompt", prompt_syntax, clip_skip)  # (B, 77 k, 768)
+        uncond = self._uncond(negative_prompt, batch, prompt_syntax, clip_skip) if scale != 1.0 else None
         if not (torch.isfinite(cond).all() and (uncond is None or torch.isfinite(uncond).all())):
             raise SdCliError(f"the text encoder produced non-finite values (NaN/inf); {self._nan_hint()}")
 

@@ -51,6 +51,9 @@ def guided_eps_model(
         if not guided:
             return unet(x, t, c)
         u = _match_batch(uncond, b, "uncond")
+        if u.shape[1] != c.shape[1]:  # prompt and negative prompt of different chunk counts: two calls (A1111)
+            e_u, e_c = unet(x, t, u), unet(x, t, c)
+            return e_u + scale * (e_c - e_u)
         out = unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([u, c]))  # (2B,C,h,w)
         e_u, e_c = out.chunk(2)  # (B,C,h,w) each
         return e_u + scale * (e_c - e_u)

@@ -106,6 +106,9 @@ class StableDiffusion:
             raise UsageError(f"--C {gen.latent_channels}: this model has {m.latent_channels} latent channels")
         if gen.factor != m.downscale:
             raise UsageError(f"--f {gen.factor}: this model's VAE downsamples by {m.downscale}")
+        if gen.clip_skip > m.text.num_hidden_layers:
+            raise UsageError(f"--clip-skip {gen.clip_skip}: this model's text encoder has {m.text.num_hidden_layers} "
+                             "layers")
 
     def pipeline(self):
         """The model, loaded on first use."""
@@ -143,6 +146,8 @@ class StableDiffusion:
             "device": self.device.type,
             "threads": self.threads,  # CPU results depend on it (in the last bit); --replay uses the same number
             "fixed_code": gen.fixed_code,
+            "prompt_syntax": gen.prompt_syntax,
+            "clip_skip": gen.clip_skip,
             "sd_cli_version": __version__,
         }
 
@@ -158,7 +163,7 @@ class StableDiffusion:
         images = self.pipeline().generate(
             list(item.prompts), noise[: len(item.prompts)], negative_prompt=gen.negative_prompt,
             sampler=gen.sampler, steps=gen.steps, scale=gen.scale, eta=gen.eta, generator=generator,
-            callback=on_step,
+            callback=on_step, prompt_syntax=gen.prompt_syntax, clip_skip=gen.clip_skip,
         )
         return [apply_watermark(img) if gen.watermarked else img for img in images]
 

@@ -34,7 +34,9 @@ import numpy as np
 
 from sd_cli.version import __version__
 from sd_cli.errors import CheckpointError, SdCliError, UsageError
-from sd_cli.output.watermark import WATERMARK_MIN_PIXELS
+from sd_cli.output.watermark import can_watermark
+
+OLD_WATERMARK_MIN_PIXELS = 256 * 256  # the threshold before issue 13 (imwatermark's own limit)
 from sd_cli.run.settings import MAX_BATCH, MAX_PIXELS, SEED_LIMIT
 
 
@@ -230,11 +232,15 @@ def _regenerate(sd, rec: Recorded, meta: dict, path: Path, quiet: bool):
     from sd_cli.run.work import WorkItem
 
     m = sd.config.model
+    syntax, clip_skip = meta.get("prompt_syntax", "plain"), meta.get("clip_skip", 1)
+    if not isinstance(syntax, str) or type(clip_skip) is not int:
+        raise ReplayError(f"{path}: its sd_cli metadata has a malformed prompt_syntax or clip_skip")
     try:
         gen = Generation((rec.prompt,), negative_prompt=rec.negative_prompt, sampler=rec.sampler, steps=rec.steps,
                          scale=rec.scale, eta=rec.eta, seed=rec.seed, height=rec.height, width=rec.width,
                          latent_channels=m.latent_channels, factor=m.downscale, n_samples=rec.n_samples,
-                         fixed_code=meta.get("fixed_code") is True, watermark=False)
+                         fixed_code=meta.get("fixed_code") is True, watermark=False,
+                         prompt_syntax=syntax, clip_skip=clip_skip)  # absent: the text as it is, as made
     except UsageError as err:
         raise ReplayError(f"{path}: its sd_cli metadata cannot be replayed: {err}") from None
     item = WorkItem(0, 0, (rec.prompt,) * rec.batch_size, rec.seed, ())
@@ -242,10 +248,10 @@ def _regenerate(sd, rec: Recorded, meta: dict, path: Path, quiet: bool):
                file=sys.stderr)
     img = sd.render(gen, item, lambda i, tot, x: (setattr(bar, "total", tot), bar.update(1)))[rec.batch_index]
     bar.close()
-    can_mark = rec.width * rec.height >= WATERMARK_MIN_PIXELS
+    can_mark = can_watermark(rec.height, rec.width) or rec.width * rec.height >= OLD_WATERMARK_MIN_PIXELS
     options = {False: img}
-    if rec.watermark or (rec.watermark is None and can_mark):
-        options[True] = apply_watermark(img)
+    if rec.watermark or (rec.watermark is None and can_mark):  # force: versions before 0.2 marked from 256x256
+        options[True] = apply_watermark(img, force=True)
     if rec.watermark is not None:
         options = {rec.watermark: options[rec.watermark]}
     return options, gen
@@ -322,11 +328,16 @@ def check_metadata(sd, gen, rec: Recorded, meta: dict, text: str | None, marked:
     expected = {**sd.base_metadata(gen), "prompt": rec.prompt, "seed": rec.seed, "batch_size": rec.batch_size,
                 "batch_index": rec.batch_index, "n_samples": rec.n_samples, "iteration": meta.get("iteration", 0),
                 "watermark": marked}
+    if "token_count" in meta:
+        from sd_cli.pipeline.conditioning import token_count
+
+        expected["token_count"] = token_count(rec.prompt, gen.prompt_syntax)
     expected.update({k: meta[k] for k in ENVIRONMENT_FIELDS if k in meta})
     expected.update({k: meta[k] for k in _NOT_COMPARED if k in meta})
     differs = sorted(k for k in meta if k not in _NOT_COMPARED and (k not in expected or meta[k] != expected[k]))
     written = a1111_text(expected, get_sampler(gen.sampler).schedule)
-    return {"differs": differs, "text_matches": text == written, "text": written, "meta": expected,
+    as_file = {k: expected.get(k, meta[k]) for k in meta}  # the fields the file has, as these settings write them
+    return {"differs": differs, "text_matches": text == written, "text": written, "meta": as_file,
             "expected": {k: expected.get(k) for k in differs}, "found": {k: meta[k] for k in differs},
             "bytes_identical": None}
 

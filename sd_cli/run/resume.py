@@ -61,7 +61,11 @@ KEY_FIELDS = (
     "dtype",
     "vae_decode",
     "watermark",
+    "prompt_syntax",
+    "clip_skip",
 )
+# Fields newer than some images: their value when a file does not have them (what made those images).
+KEY_DEFAULTS = {"prompt_syntax": "plain", "clip_skip": 1}
 _FLOAT_FIELDS = ("scale", "eta")
 _MAX_WARNINGS = 5
 
@@ -70,9 +74,9 @@ def work_key(meta: dict) -> str | None:
     """The identity of one image's work item, or None if `meta` lacks a field (never matches)."""
     values = []
     for name in KEY_FIELDS:
-        if name not in meta:
+        if name not in meta and name not in KEY_DEFAULTS:
             return None
-        value = meta[name]
+        value = meta.get(name, KEY_DEFAULTS.get(name))
         if name in _FLOAT_FIELDS and isinstance(value, (int, float)) and not isinstance(value, bool):
             value = float(value)
         values.append(value)

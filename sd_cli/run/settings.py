@@ -14,6 +14,8 @@ from pathlib import Path
 
 from sd_cli.demo import DEMO_CKPT, DEMO_CONFIG, GUIDANCE, SIZE, demo_available
 from sd_cli.errors import UsageError
+from sd_cli.pipeline.conditioning import SYNTAXES
+from sd_cli.pipeline.prompt_syntax import check_a1111
 from sd_cli.weights.config import DEFAULT_CONFIG
 from sd_cli.weights.dtypes import DTYPE_CHOICES
 
@@ -102,7 +104,9 @@ class Generation:
     factor: int = 8  # --f, must be the VAE's
     n_samples: int = 1
     n_iter: int = 1
-    watermark: bool = True  # asked for; images under 256x256 go without it (recorded per image)
+    watermark: bool = True  # asked for; images too small to read it back go without (recorded per image)
+    prompt_syntax: str = "a1111"  # A1111's prompt language; "plain": the text as it is (images before it)
+    clip_skip: int = 1  # A1111's "Clip skip": stop the text encoder this many layers from its end
 
     def __post_init__(self) -> None:
         from sd_cli.sampling.samplers import get_sampler
@@ -126,6 +130,13 @@ class Generation:
             raise UsageError(f"--n_samples {self.n_samples}: at most {MAX_BATCH} images per batch; use --n_iter "
                              "for more")
         self._check_counts()
+        if self.prompt_syntax not in SYNTAXES:
+            raise UsageError(f"--prompt-syntax {self.prompt_syntax}: choose one of {', '.join(SYNTAXES)}")
+        if not 1 <= self.clip_skip <= 12:
+            raise UsageError(f"--clip-skip {self.clip_skip}: must be between 1 and 12 (1: the last layer, as SD)")
+        if self.prompt_syntax == "a1111":
+            for text in (*self.prompts, self.negative_prompt):
+                check_a1111(text)
         if not math.isfinite(self.scale):
             raise UsageError(f"--scale {self.scale}: must be a finite number")
         info = get_sampler(self.sampler)
@@ -180,9 +191,9 @@ class Generation:
     @property
     def watermarked(self) -> bool:
         """Whether the images carry the watermark: asked for, and big enough for imwatermark."""
-        from sd_cli.output.watermark import WATERMARK_MIN_PIXELS
+        from sd_cli.output.watermark import can_watermark
 
-        return self.watermark and self.height * self.width >= WATERMARK_MIN_PIXELS
+        return self.watermark and can_watermark(self.height, self.width)
 
 
 @dataclass(frozen=True)

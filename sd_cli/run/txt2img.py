@@ -60,8 +60,9 @@ def _run(gen: Generation, runtime: Runtime, out: Output, state: RunState, ddp, l
             images = _render_counted(sd, gen, item, state, log)
             if gen.watermark and not gen.watermarked and not warned and not out.quiet:  # once; -q: errors only
                 warned.append(True)
-                log.warn(f"image {gen.width}x{gen.height} is too small for the invisible watermark "
-                         "(needs at least 256x256 pixels); saved without it")
+                from sd_cli.output.watermark import too_small_message
+
+                log.warn(too_small_message(gen.height, gen.width))
             return images
 
         run = run_local if ddp is None else (lambda *a: run_torchrun(ddp, *a))

@@ -40,6 +40,14 @@ class WorkPlan(Sequence):
     def __init__(self, gen: Generation, base: dict):
         self.gen, self.base = gen, base
         self.batches = batches(gen)
+        self._counts: dict[str, int] = {}
+
+    def _tokens(self, prompt: str) -> int:
+        if prompt not in self._counts:
+            from sd_cli.pipeline.conditioning import token_count
+
+            self._counts[prompt] = token_count(prompt, self.gen.prompt_syntax)
+        return self._counts[prompt]
 
     def __len__(self) -> int:
         return self.gen.n_iter * len(self.batches)
@@ -52,7 +60,8 @@ class WorkPlan(Sequence):
         prompts = self.batches[b]
         seed = gen.seed + (0 if gen.fixed_code else j)
         metas = tuple({**self.base, "prompt": prompt, "seed": seed, "batch_size": len(prompts), "batch_index": i,
-                       "n_samples": gen.n_samples, "iteration": n, "watermark": gen.watermarked}
+                       "n_samples": gen.n_samples, "iteration": n, "watermark": gen.watermarked,
+                       "token_count": self._tokens(prompt)}
                       for i, prompt in enumerate(prompts))
         return WorkItem(j, n, prompts, seed, metas)
 

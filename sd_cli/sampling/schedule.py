@@ -198,3 +198,126 @@ def t_to_sigma(t, sigmas: torch.Tensor) -> torch.Tensor:
     hi = t.ceil().long()
     w = t - lo
     return ((1 - w) * log_sigmas[lo] + w * log_sigmas[hi]).exp()
+
+
+# --- schedulers: the sigma list of a k-diffusion style sampler --------------------------------
+#
+# Each scheduler maps (steps, the model's discrete sigmas (n,) ascending) to the noise levels a
+# k-diffusion style sampler walks, descending and ending in 0: float64 (len,) where len is
+# steps + 1 for all but `ddim_uniform` (CompVis' grid, which can be longer) and `beta` (which can
+# be shorter: repeated timesteps are dropped). The names and formulas are ComfyUI's KSampler
+# schedulers; A1111 has the same ones under the labels of SCHEDULER_LABELS.
+
+
+def _descending_with_zero(values) -> torch.Tensor:
+    sig = torch.as_tensor(values, dtype=torch.float64).reshape(-1)
+    return torch.cat([sig, sig.new_zeros(1)])
+
+
+def _karras(steps: int, discrete: torch.Tensor) -> torch.Tensor:
+    """Karras et al. 2022 eq. 5 (rho 7) between the smallest and largest discrete sigma."""
+    return karras_sigmas(steps, discrete[0].item(), discrete[-1].item())
+
+
+def _exponential(steps: int, discrete: torch.Tensor) -> torch.Tensor:
+    """Evenly spaced in log(sigma) from sigma_max to sigma_min (k-diffusion get_sigmas_exponential)."""
+    lo, hi = math.log(discrete[0].item()), math.log(discrete[-1].item())
+    return _descending_with_zero(torch.linspace(hi, lo, steps, dtype=torch.float64).exp())
+
+
+def _normal(steps: int, discrete: torch.Tensor) -> torch.Tensor:
+    """The model's own discretization: timesteps evenly spaced from n-1 down to 0, t -> sigma by
+    log-linear interpolation (k-diffusion DiscreteSchedule.get_sigmas, A1111 "Automatic" for
+    Euler/LMS/Heun, ComfyUI "normal")."""
+    t = torch.linspace(discrete.numel() - 1, 0, steps, dtype=torch.float64)
+    return _descending_with_zero(t_to_sigma(t, discrete))
+
+
+def _sgm_uniform(steps: int, discrete: torch.Tensor) -> torch.Tensor:
+    """As `normal` with steps + 1 evenly spaced timesteps, the last (t = 0) left out."""
+    t = torch.linspace(discrete.numel() - 1, 0, steps + 1, dtype=torch.float64)[:-1]
+    return _descending_with_zero(t_to_sigma(t, discrete))
+
+
+def _simple(steps: int, discrete: torch.Tensor) -> torch.Tensor:
+    """Every (n / steps)-th discrete sigma from the top: sigmas[-(1 + floor(i n / steps))]."""
+    n = discrete.numel()
+    stride = n / steps
+    return _descending_with_zero([discrete[-(1 + int(i * stride))].item() for i in range(steps)])
+
+
+def _ddim_uniform(steps: int, discrete: torch.Tensor) -> torch.Tensor:
+    """The discrete sigmas at CompVis' DDIM grid 1, 1 + c, 1 + 2c, ... (c = max(n // steps, 1)),
+    from the top; as `ddim_timesteps`, the list has more than steps entries when c * steps < n - 1."""
+    n = discrete.numel()
+    idx = list(range(1, n, max(n // steps, 1)))[::-1]
+    return _descending_with_zero(discrete[idx].to(torch.float64))
+
+
+def _beta(steps: int, discrete: torch.Tensor, alpha: float = 0.6, beta: float = 0.6) -> torch.Tensor:
+    """ComfyUI's beta scheduler (Lee et al. 2024, arXiv:2407.12173): timesteps at the Beta(0.6, 0.6)
+    quantiles 1, 1 - 1/steps, ..., 1/steps of n - 1, rounded, repeats dropped, as discrete sigmas."""
+    try:
+        from scipy import stats
+    except ImportError:  # scipy comes with torchsde, a dependency
+        raise UsageError("the beta scheduler needs scipy (pip install scipy)") from None
+    n = discrete.numel()
+    q = 1.0 - np.linspace(0.0, 1.0, steps, endpoint=False)
+    ts = np.rint(stats.beta.ppf(q, alpha, beta) * (n - 1)).astype(np.int64)
+    kept = [int(t) for i, t in enumerate(ts) if i == 0 or t != ts[i - 1]]
+    return _descending_with_zero(discrete[kept].to(torch.float64))
+
+
+SCHEDULERS = {
+    "karras": _karras,
+    "exponential": _exponential,
+    "normal": _normal,
+    "simple": _simple,
+    "sgm_uniform": _sgm_uniform,
+    "ddim_uniform": _ddim_uniform,
+    "beta": _beta,
+}
+
+# A1111's "Schedule type" label of each. A1111's "Uniform" (and "Automatic" for Euler, LMS, Heun,
+# Euler a) is the model's get_sigmas, which gives the same numbers as "normal". A1111's "Beta"
+# is NOT ComfyUI's beta (it maps the quantiles linearly into [sigma_min, sigma_max]).
+SCHEDULER_LABELS = {
+    "karras": "Karras",
+    "exponential": "Exponential",
+    "normal": "Normal",
+    "simple": "Simple",
+    "sgm_uniform": "SGM Uniform",
+    "ddim_uniform": "DDIM",
+    "beta": "Beta",
+}
+
+
+def check_scheduler(name: object) -> str:
+    """`name` if it is a known scheduler, else UsageError listing them."""
+    if not isinstance(name, str) or name not in SCHEDULERS:
+        raise UsageError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
+    return name
+
+
+def scheduler_sigmas(
+    name: str, steps: int, discrete: torch.Tensor, discard_penultimate: bool = False
+) -> torch.Tensor:
+    """The sigmas (float64, descending, last 0) of scheduler `name` for `steps` steps.
+
+    discrete: the model's sigmas (n,) ascending (`sigmas_from_alphas_cumprod`). With
+    discard_penultimate (A1111/ComfyUI for DPM2, DPM2 a and, in A1111, DPM++ 3M SDE) the list is
+    made for steps + 1 and its next-to-last entry (the smallest nonzero sigma) dropped, so the
+    sampler still takes `steps` steps but its last one goes to 0 from one level higher.
+    """
+    fn = SCHEDULERS[check_scheduler(name)]
+    steps = check_steps(steps, n=None)
+    sig = fn(steps + 1 if discard_penultimate else steps, discrete)
+    if discard_penultimate:
+        sig = torch.cat([sig[:-2], sig[-1:]])
+    return sig
+
+
+def scheduler_length(name: str, steps: int, n: int = NUM_TIMESTEPS, discard_penultimate: bool = False) -> int:
+    """How many steps (len(sigmas) - 1) scheduler `name` gives a model of n timesteps."""
+    discrete = sigmas_from_alphas_cumprod(make_alphas_cumprod(n=n))
+    return scheduler_sigmas(name, steps, discrete, discard_penultimate).numel() - 1

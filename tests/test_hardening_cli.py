@@ -14,6 +14,7 @@ import time
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 from micro_model import micro_argv
 from PIL import Image, PngImagePlugin
@@ -283,3 +284,44 @@ def test_quiet_demo_run_prints_nothing_and_counts_steps(tmp_path, capsys, monkey
     assert captured.err == ""  # -q: errors only (no demo note, no watermark warning)
     report = json.loads(captured.out)
     assert report["seconds_per_step"] > 0  # counted by the run, not by the disabled progress bar
+
+
+def test_safetensors_at_a_non_utf8_path_loads(micro, tmp_path, tmp_path_factory):
+    """Before: 'not a valid safetensors file (Path ... is not valid UTF-8); truncated or corrupt?'."""
+    odd = os.fsencode(tmp_path) + b"/m\xff"
+    os.mkdir(odd)
+    with open(micro["safetensors"], "rb") as src, open(odd + b"/model\xfe.safetensors", "wb") as dst:
+        dst.write(src.read())
+    argv = [os.fsencode(a) for a in micro_argv(micro, tmp_path / "out")]
+    argv[argv.index(os.fsencode(str(micro["safetensors"])))] = odd + b"/model\xfe.safetensors"
+    r = _run([sys.executable, "-m", "sd_cli", *argv], tmp_path_factory)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "out" / "samples" / "00000.png").is_file()
+
+
+def test_a_256px_image_marked_by_an_older_version_still_replays(micro, tmp_path, capsys):
+    """Below the new 512x512 threshold nothing is marked now, but files made before it at 256x256 carry
+    the mark and `watermark: true`: replay marks its regenerated image the same way."""
+    from sd_cli.output.watermark import apply_watermark
+
+    out = tmp_path / "out"
+    argv = [a for a in micro_argv(micro, out, "--H", "256", "--W", "256") if a != "--no-watermark"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    path = out / "samples" / "00000.png"
+    with Image.open(path) as im:
+        meta, text = json.loads(im.info["sd_cli"]), im.info["parameters"]
+        pixels = np.asarray(im.convert("RGB"))
+    assert meta["watermark"] is False
+    old = _resave_pixels(apply_watermark(pixels, force=True), tmp_path / "old.png", text, {**meta, "watermark": True})
+    assert main(["--replay", str(old), "--ckpt", str(micro["safetensors"]), "--config", str(micro["config"]),
+                 "-q"]) == 0
+    assert capsys.readouterr().out.startswith("identical")
+
+
+def _resave_pixels(pixels, dst: Path, parameters: str, meta: dict) -> Path:
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", parameters)
+    info.add_text("sd_cli", json.dumps(meta))
+    Image.fromarray(pixels).save(dst, pnginfo=info)
+    return dst

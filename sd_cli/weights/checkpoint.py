@@ -18,6 +18,7 @@ would give more, so a small file cannot make us allocate more than its own pickl
 from __future__ import annotations
 
 import _compat_pickle
+import contextlib
 import hashlib
 import io
 import json
@@ -163,12 +164,31 @@ def _looks_like_legacy_torch(head: bytes) -> bool:
 # --------------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _utf8_path(path: Path):
+    """A path the safetensors library can take: itself, or for a file name that is not UTF-8 (the library
+    wants valid UTF-8 text) the same open file through /proc/self/fd, still memory-mapped."""
+    text = str(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        if not os.path.isdir("/proc/self/fd"):
+            raise
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            yield f"/proc/self/fd/{fd}"
+        finally:
+            os.close(fd)
+        return
+    yield text
+
+
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
 
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            return {name: f.get_tensor(name) for name in f.keys()}
+        with _utf8_path(path) as name, safe_open(name, framework="pt", device="cpu") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}
     except Exception as err:  # the library raises SafetensorError, OSError, ValueError, ...
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         reason = reason.removeprefix("Error while deserializing header: ")

@@ -2,28 +2,34 @@
 
 Every sampler is
 
-    sample_xxx(eps_model, x_T, alphas_cumprod, steps, *, eta=0.0, generator=None, callback=None)
-        -> x_0 latents (B, C, h, w)
+    sample_xxx(eps_model, x_T, alphas_cumprod, steps, *, eta=0.0, generator=None, callback=None,
+               scheduler=None, s_noise=1.0) -> x_0 latents (B, C, h, w)
 
 * eps_model(x (B,C,h,w), t (B,) float32 timesteps in [0, 999]) -> predicted noise (B,C,h,w):
   the UNet (with classifier-free guidance folded in, see `guidance.guided_eps_model`) in the
   discrete VP parameterization x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps.
-* x_T: standard-normal noise (B,C,h,w). DDIM/PLMS use it as x at their first timestep;
-  the k-diffusion style samplers scale it by sigma_max themselves.
+* x_T: standard-normal noise (B,C,h,w). DDIM/PLMS/LCM use it as x at their first timestep;
+  the k-diffusion style samplers scale it by their first sigma themselves.
 * alphas_cumprod: the model's (1000,) float32 buffer.
 * eta: amount of fresh noise per step (see each sampler; 0.0 always means "the sampler's
   standard behaviour"). Must lie in [0, 1].
 * generator: CPU torch.Generator. Fresh noise is drawn on the CPU as float32 and then moved
-  to x's device and dtype, so a seed gives the same image on CPU and CUDA.
+  to x's device and dtype, so a seed gives the same image on CPU and CUDA. The SDE samplers
+  draw from a Brownian tree seeded with generator.initial_seed() instead (`noise.py`).
 * callback(i, total, x): after each step; i = 0-based index of the step just finished,
-  total = number of steps the sampler runs (DDIM/PLMS may run more than asked, see
-  `schedule.ddim_timesteps`).
+  total = number of steps the sampler runs (DDIM/PLMS and the ddim_uniform scheduler may run
+  more than asked, see `schedule.ddim_timesteps`).
+* scheduler: the sigma list of a k-diffusion style sampler, a `schedule.SCHEDULERS` name; None =
+  the sampler's default (`SamplerInfo.schedule`, A1111's "Automatic"). DDIM, PLMS and LCM run on
+  their own grid and accept only None (or that grid's name, "uniform" / "lcm").
+* s_noise: factor on every fresh noise draw (A1111's "sigma noise"); 1.0 is the standard amount and
+  the only value samplers that draw no noise accept.
+The stochastic k-samplers also take noise_sampler(sigma, sigma_next) -> noise (None = the standard
+stream above), Euler/Heun/DPM2 Karras' churn (s_churn, s_tmin, s_tmax), LMS its order and LCM its
+original_steps; the CLI needs none of these.
 
-The k-diffusion style samplers (Karras et al. 2022, arXiv:2206.00364) work on the VE variable
-x_ve = x_vp / sqrt(a) with noise level sigma. They call the eps-model as k-diffusion's
-CompVisDenoiser does: eps = eps_model(x_ve * c_in, t(sigma)), c_in = 1/sqrt(sigma^2 + 1)
-(= sqrt(a), which turns x_ve back into the VP input), t(sigma) the fractional timestep from
-log-sigma interpolation, and denoised = x_ve - sigma * eps.
+The k-diffusion family lives in `ksamplers.py` (Euler a and DPM++ 2M, the first two, here); see
+`common.py` for how they call the eps-model.
 """
 
 from __future__ import annotations
@@ -38,44 +44,23 @@ from torch import Tensor
 
 from sd_cli.sampling import schedule
 from sd_cli.errors import UsageError
-
-EpsModel = Callable[[Tensor, Tensor], Tensor]  # (x (B,C,h,w), t (B,) f32) -> eps (B,C,h,w)
-StepCallback = Callable[[int, int, Tensor], None]  # (step index, total steps, x)
-
-
-# --- shared helpers -------------------------------------------------------------------------
-
-
-def _check_eta(eta: Optional[float], sampler: str, supports_eta: bool) -> float:
-    """eta as a float in [0, 1]; None counts as 0.0. Samplers without eta accept only 0."""
-    eta = 0.0 if eta is None else float(eta)
-    if not math.isfinite(eta) or not 0.0 <= eta <= 1.0:
-        raise UsageError(f"eta must be between 0 and 1, got {eta}")
-    if eta != 0.0 and not supports_eta:
-        raise UsageError(f"sampler {sampler!r} is deterministic and takes no eta (got {eta})")
-    return eta
-
-
-def _check_alphas(alphas_cumprod: Tensor) -> Tensor:
-    """The schedule as a CPU float32 (n,) tensor; it must decrease strictly inside (0, 1)."""
-    ac = torch.as_tensor(alphas_cumprod).detach().to("cpu", torch.float32)
-    if ac.ndim != 1 or ac.numel() < 2:
-        raise ValueError(f"alphas_cumprod must be 1-D (timesteps,), got shape {tuple(ac.shape)}")
-    if not (bool((ac > 0).all()) and bool((ac < 1).all()) and bool((ac[1:] < ac[:-1]).all())):
-        raise ValueError("alphas_cumprod must decrease strictly and lie inside (0, 1)")
-    return ac
-
-
-def _noise_like(x: Tensor, generator: Optional[torch.Generator]) -> Tensor:
-    """Standard-normal noise shaped like x: drawn on CPU in float32, then moved to x."""
-    z = torch.randn(x.shape, generator=generator, dtype=torch.float32)
-    return z.to(x.device, x.dtype)
-
-
-def _eval(eps_model: EpsModel, x: Tensor, t: float) -> Tensor:
-    """Call the model with t broadcast to a float32 (B,) tensor on x's device."""
-    t_vec = torch.full((x.shape[0],), t, dtype=torch.float32, device=x.device)  # (B,)
-    return eps_model(x, t_vec)
+from sd_cli.sampling.common import (  # noqa: F401  (EpsModel, StepCallback: re-exported)
+    EpsModel,
+    NoiseSampler,
+    StepCallback,
+    ancestral_step,
+    check_alphas as _check_alphas,
+    check_eta as _check_eta,
+    check_own_grid,
+    check_s_noise,
+    evaluate as _eval,
+    generator_noise,
+    k_plan,
+    make_denoiser as _make_denoiser,
+    noise_like as _noise_like,
+)
+from sd_cli.sampling import ksamplers
+from sd_cli.sampling.lcm import lcm_timesteps, sample_lcm
 
 
 # --- DDIM and PLMS (CompVis discrete timesteps) ----------------------------------------------
@@ -147,6 +132,8 @@ def sample_ddim(
     eta: float = 0.0,
     generator: Optional[torch.Generator] = None,
     callback: Optional[StepCallback] = None,
+    scheduler: Optional[str] = None,
+    s_noise: float = 1.0,
 ) -> Tensor:
     """DDIM, Song, Meng & Ermon 2020 (arXiv:2010.02502), as CompVis DDIMSampler ("uniform").
 
@@ -158,6 +145,8 @@ def sample_ddim(
     UNet calls: one per step.
     """
     eta = _check_eta(eta, "ddim", supports_eta=True)
+    check_own_grid(scheduler, "ddim", "uniform")
+    check_s_noise(s_noise, "ddim", supports=False)
     ac = _check_alphas(alphas_cumprod)
     plan = _discrete_steps(ac, schedule.check_steps(steps, ac.numel()), eta)
     x = x_T
@@ -179,6 +168,8 @@ def sample_plms(
     eta: float = 0.0,
     generator: Optional[torch.Generator] = None,
     callback: Optional[StepCallback] = None,
+    scheduler: Optional[str] = None,
+    s_noise: float = 1.0,
 ) -> Tensor:
     """PLMS / PNDM, Liu et al. 2022 (arXiv:2202.09778), as CompVis PLMSSampler.
 
@@ -197,6 +188,8 @@ def sample_plms(
     timestep long instead of 1000//steps, which leaves an O(1/steps) term beyond ~100 steps.
     """
     _check_eta(eta, "plms", supports_eta=False)
+    check_own_grid(scheduler, "plms", "uniform")
+    check_s_noise(s_noise, "plms", supports=False)
     del generator  # deterministic: never draws noise
     ac = _check_alphas(alphas_cumprod)
     plan = _discrete_steps(ac, schedule.check_steps(steps, ac.numel()), 0.0)
@@ -221,29 +214,7 @@ def sample_plms(
     return x
 
 
-# --- k-diffusion style samplers (Karras sigmas) ---------------------------------------------
-
-
-def _karras_plan(ac: Tensor, steps: int) -> tuple[list[float], Tensor]:
-    """(Karras sigmas as floats, descending to 0, (steps+1,)) and the discrete sigmas (n,) f32.
-
-    sigma_min / sigma_max are the smallest / largest discrete sigmas, as in AUTOMATIC1111.
-    """
-    discrete = schedule.sigmas_from_alphas_cumprod(ac)  # (n,) f32, ascending
-    grid = schedule.karras_sigmas(steps, discrete[0].item(), discrete[-1].item())
-    return grid.tolist(), discrete
-
-
-def _make_denoiser(eps_model: EpsModel, discrete: Tensor) -> Callable[[Tensor, float], Tensor]:
-    """D(x_ve, sigma) -> denoised x_0 estimate, via the eps-model (k-diffusion CompVisDenoiser)."""
-
-    def denoise(x: Tensor, sigma: float) -> Tensor:
-        t = schedule.sigma_to_t(sigma, discrete).item()  # fractional timestep
-        c_in = 1.0 / math.sqrt(sigma * sigma + 1.0)  # = sqrt(a): VE -> VP input scaling
-        eps = _eval(eps_model, x * c_in, t)
-        return x - sigma * eps
-
-    return denoise
+# --- k-diffusion style samplers: the first two (the rest in ksamplers.py) -----------------------
 
 
 def sample_dpmpp_2m(
@@ -255,6 +226,8 @@ def sample_dpmpp_2m(
     eta: float = 0.0,
     generator: Optional[torch.Generator] = None,
     callback: Optional[StepCallback] = None,
+    scheduler: Optional[str] = None,
+    s_noise: float = 1.0,
 ) -> Tensor:
     """DPM-Solver++(2M), Lu et al. 2022 (arXiv:2211.01095, Algorithm 2), k-diffusion variant.
 
@@ -263,16 +236,18 @@ def sample_dpmpp_2m(
         x_{i+1} = (sigma_{i+1}/sigma_i) x_i + (1 - sigma_{i+1}/sigma_i) D_i'
     where D_i' = D_i on the first step and the last (sigma = 0, so x = D_i), and otherwise
         D_i' = (1 + 1/(2r)) D_i - 1/(2r) D_{i-1},   r = h_{i-1} / h_i.
-    Deterministic second order; eta must be 0. UNet calls: one per step.
+    Deterministic second order; eta must be 0. UNet calls: one per step. Default scheduler karras.
     """
     _check_eta(eta, "dpmpp_2m", supports_eta=False)
+    check_s_noise(s_noise, "dpmpp_2m", supports=False)
     del generator
     ac = _check_alphas(alphas_cumprod)
-    sigmas, discrete = _karras_plan(ac, schedule.check_steps(steps, ac.numel()))
+    sigmas, discrete = k_plan(ac, steps, scheduler or "karras")
     denoise = _make_denoiser(eps_model, discrete)
+    n = len(sigmas) - 1
     x = x_T * sigmas[0]  # (B,C,h,w) VE start
     d_prev: Optional[Tensor] = None
-    for i in range(steps):
+    for i in range(n):
         s, s_next = sigmas[i], sigmas[i + 1]
         d = denoise(x, s)
         if s_next == 0.0:
@@ -286,7 +261,7 @@ def sample_dpmpp_2m(
             x = (s_next / s) * x - math.expm1(-h) * d_used
         d_prev = d
         if callback is not None:
-            callback(i, steps, x)
+            callback(i, n, x)
     return x
 
 
@@ -299,6 +274,9 @@ def sample_euler_ancestral(
     eta: float = 0.0,
     generator: Optional[torch.Generator] = None,
     callback: Optional[StepCallback] = None,
+    scheduler: Optional[str] = None,
+    s_noise: float = 1.0,
+    noise_sampler: Optional[NoiseSampler] = None,
 ) -> Tensor:
     """Euler ancestral (k-diffusion sample_euler_ancestral; Karras et al. 2022 with the DDPM
     ancestral noise split of Ho et al. 2020).
@@ -306,27 +284,55 @@ def sample_euler_ancestral(
     Each step from sigma to sigma_next splits sigma_next^2 = sigma_down^2 + sigma_up^2 with
         sigma_up = min(sigma_next, eta * sqrt(sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2)),
     takes an Euler step of the probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma down
-    to sigma_down, then adds sigma_up * z (no noise on the final step to sigma = 0).
+    to sigma_down, then adds s_noise * sigma_up * z (no noise on the final step to sigma = 0).
 
     eta: 0.0 (the shared default) means the standard ancestral amount, 1.0, because "Euler a"
     is ancestral by definition (for eta = 0 use a deterministic sampler); any eta in (0, 1] is
-    used as given. UNet calls: one per step.
+    used as given. UNet calls: one per step. Default scheduler "normal" (A1111's Automatic);
+    the registry's legacy name "euler_a" runs it with "karras" (`sample_euler_a`).
     """
+    return _euler_ancestral(eps_model, x_T, alphas_cumprod, steps, eta, generator, callback,
+                            scheduler or "normal", s_noise, noise_sampler)
+
+
+def sample_euler_a(
+    eps_model: EpsModel,
+    x_T: Tensor,
+    alphas_cumprod: Tensor,
+    steps: int,
+    *,
+    eta: float = 0.0,
+    generator: Optional[torch.Generator] = None,
+    callback: Optional[StepCallback] = None,
+    scheduler: Optional[str] = None,
+    s_noise: float = 1.0,
+    noise_sampler: Optional[NoiseSampler] = None,
+) -> Tensor:
+    """The registry's "euler_a" (images made before the scheduler choice record it): Euler ancestral
+    with the Karras sigmas as default, bit for bit what "euler_a" always computed."""
+    return _euler_ancestral(eps_model, x_T, alphas_cumprod, steps, eta, generator, callback,
+                            scheduler or "karras", s_noise, noise_sampler)
+
+
+def _euler_ancestral(eps_model, x_T, alphas_cumprod, steps, eta, generator, callback, scheduler,
+                     s_noise, noise_sampler) -> Tensor:
     eta = _check_eta(eta, "euler_a", supports_eta=True) or 1.0
+    s_noise = check_s_noise(s_noise, "euler_ancestral", supports=True)
     ac = _check_alphas(alphas_cumprod)
-    sigmas, discrete = _karras_plan(ac, schedule.check_steps(steps, ac.numel()))
+    sigmas, discrete = k_plan(ac, steps, scheduler)
     denoise = _make_denoiser(eps_model, discrete)
+    noise = noise_sampler or generator_noise(x_T, generator)
+    n = len(sigmas) - 1
     x = x_T * sigmas[0]  # (B,C,h,w) VE start
-    for i in range(steps):
+    for i in range(n):
         s, s_next = sigmas[i], sigmas[i + 1]
         d = denoise(x, s)
-        s_up = min(s_next, eta * math.sqrt(s_next**2 * (s**2 - s_next**2) / s**2))
-        s_down = math.sqrt(s_next**2 - s_up**2)
+        s_down, s_up = ancestral_step(s, s_next, eta)
         x = x + (x - d) / s * (s_down - s)  # Euler step, slope (x - D)/sigma
         if s_next > 0:
-            x = x + _noise_like(x, generator) * s_up
+            x = x + noise(s, s_next) * s_noise * s_up
         if callback is not None:
-            callback(i, steps, x)
+            callback(i, n, x)
     return x
 
 
@@ -337,26 +343,68 @@ def _discrete_calls(extra: int) -> Callable[[int], int]:
     return lambda steps: len(schedule.ddim_timesteps(steps)) + extra
 
 
+NOISE_KINDS = ("none", "ancestral", "brownian")
+
+
 @dataclass(frozen=True)
 class SamplerInfo:
     """One --sampler choice."""
 
-    name: str  # registry key, e.g. "dpmpp_2m"
+    name: str  # registry key (ComfyUI's KSampler name), e.g. "dpmpp_2m"
     fn: Callable[..., Tensor]  # the sample_xxx function
-    label: str  # AUTOMATIC1111-style name for metadata, e.g. "DPM++ 2M Karras", "Euler a"
-    schedule: str  # "uniform" (CompVis discrete timesteps) or "karras"
+    label: str  # A1111 display name for metadata, e.g. "Euler a"; the first four keep their old labels
+    schedule: str  # default scheduler: a schedule.SCHEDULERS name, or the own grid "uniform" / "lcm"
     supports_eta: bool
     description: str  # one line for --help
     default_eta: float = 0.0  # the eta the sampler uses when given eta=0.0 / None
-    _calls: Callable[[int], int] = field(default=lambda steps: steps, repr=False, compare=False)
+    a1111_name: str = ""  # A1111's sampler name when label differs ("DPM++ 2M" for "DPM++ 2M Karras")
+    noise: str = "none"  # fresh noise: none, ancestral (generator draws each step), brownian (tree)
+    supports_s_noise: bool = False  # takes s_noise (A1111's "sigma noise"; Euler/Heun/DPM2 via churn)
+    evals: int = 1  # UNet calls per step; the last step (to sigma 0) always takes one
+    discard_penultimate: bool = False  # A1111: schedule made for steps + 1, next-to-last sigma dropped
+    alias_of: Optional[str] = None  # a legacy name: the same method as that entry, other defaults
+    _calls: Optional[Callable[[int], int]] = field(default=None, repr=False, compare=False)
 
-    def calls(self, steps: int) -> int:
+    @property
+    def schedulers(self) -> tuple[str, ...]:
+        """The scheduler names this sampler accepts (an own-grid sampler: only its grid)."""
+        return tuple(schedule.SCHEDULERS) if self.schedule in schedule.SCHEDULERS else (self.schedule,)
+
+    def resolve_scheduler(self, scheduler: Optional[str] = None) -> str:
+        """The scheduler the sampler will use for a user value (None = its default); UsageError if
+        the sampler does not take it."""
+        if scheduler is None:
+            return self.schedule
+        if self.schedule not in schedule.SCHEDULERS:
+            check_own_grid(scheduler, self.name, self.schedule)
+            return self.schedule
+        return schedule.check_scheduler(scheduler)
+
+    def calls(self, steps: int, scheduler: Optional[str] = None) -> int:
         """UNet evaluations (each one batched call under guidance) for `steps` (1000-step model)."""
-        return self._calls(schedule.check_steps(steps))
+        steps = schedule.check_steps(steps)
+        sched = self.resolve_scheduler(scheduler)
+        if self._calls is not None:
+            return self._calls(steps)
+        n = schedule.scheduler_length(sched, steps, discard_penultimate=self.discard_penultimate)
+        return self.evals * n - (self.evals - 1)
 
     def resolve_eta(self, eta: Optional[float] = None) -> float:
         """The eta the sampler will actually use for a user value (validates like the sampler)."""
         return _check_eta(eta, self.name, self.supports_eta) or self.default_eta
+
+    def resolve_s_noise(self, s_noise: Optional[float] = None) -> float:
+        """The s_noise the sampler will use (None = 1.0); UsageError where the sampler has none."""
+        return check_s_noise(s_noise, self.name, self.supports_s_noise)
+
+
+def _k(name, fn, label, sched, description, *, noise="none", evals=1, discard=False, **kw):
+    """A k-diffusion family entry: stochastic ones take eta (standard 1.0) and s_noise."""
+    stochastic = noise != "none"
+    return SamplerInfo(name=name, fn=fn, label=label, schedule=sched, supports_eta=stochastic,
+                       description=description, default_eta=1.0 if stochastic else 0.0, noise=noise,
+                       supports_s_noise=stochastic or name in ("euler", "heun", "dpm_2"), evals=evals,
+                       discard_penultimate=discard, **kw)
 
 
 SAMPLERS: dict[str, SamplerInfo] = {
@@ -369,6 +417,7 @@ SAMPLERS: dict[str, SamplerInfo] = {
             schedule="uniform",
             supports_eta=True,
             description="DDIM (CompVis); deterministic at eta 0, adds noise for eta > 0",
+            noise="ancestral",
             _calls=_discrete_calls(0),
         ),
         SamplerInfo(
@@ -380,22 +429,47 @@ SAMPLERS: dict[str, SamplerInfo] = {
             description="PLMS (CompVis) 4th-order linear multistep; deterministic",
             _calls=_discrete_calls(1),
         ),
+        _k("dpmpp_2m", sample_dpmpp_2m, "DPM++ 2M Karras", "karras",
+           "DPM-Solver++(2M); deterministic, good at 20-30 steps (default scheduler karras)",
+           a1111_name="DPM++ 2M"),
+        _k("euler_a", sample_euler_a, "Euler a", "karras",
+           "euler_ancestral with karras as default scheduler (the older name, which older images record)",
+           noise="ancestral", alias_of="euler_ancestral"),
+        _k("euler", ksamplers.sample_euler, "Euler", "normal",
+           "Euler, first order; deterministic (default scheduler normal)"),
+        _k("euler_ancestral", sample_euler_ancestral, "Euler a", "normal",
+           "Euler ancestral: fresh noise every step, eta 1 (default scheduler normal)", noise="ancestral"),
+        _k("heun", ksamplers.sample_heun, "Heun", "normal",
+           "Heun, second order, 2 UNet calls a step; deterministic (default scheduler normal)", evals=2),
+        _k("dpm_2", ksamplers.sample_dpm_2, "DPM2", "karras",
+           "DPM2 midpoint, second order, 2 UNet calls a step; deterministic (default karras)",
+           evals=2, discard=True),
+        _k("dpm_2_ancestral", ksamplers.sample_dpm_2_ancestral, "DPM2 a", "karras",
+           "DPM2 ancestral, 2 UNet calls a step, fresh noise every step (default karras)",
+           noise="ancestral", evals=2, discard=True),
+        _k("lms", ksamplers.sample_lms, "LMS", "normal",
+           "linear multistep, order 4; deterministic (default scheduler normal)"),
+        _k("dpmpp_2s_ancestral", ksamplers.sample_dpmpp_2s_ancestral, "DPM++ 2S a", "karras",
+           "DPM-Solver++(2S) ancestral, 2 UNet calls a step (default scheduler karras)",
+           noise="ancestral", evals=2),
+        _k("dpmpp_sde", ksamplers.sample_dpmpp_sde, "DPM++ SDE", "karras",
+           "DPM-Solver++ SDE, 2 UNet calls a step, Brownian-tree noise (default karras)",
+           noise="brownian", evals=2),
+        _k("dpmpp_2m_sde", ksamplers.sample_dpmpp_2m_sde, "DPM++ 2M SDE", "exponential",
+           "DPM-Solver++(2M) SDE, midpoint; Brownian-tree noise (default scheduler exponential)",
+           noise="brownian"),
+        _k("dpmpp_3m_sde", ksamplers.sample_dpmpp_3m_sde, "DPM++ 3M SDE", "exponential",
+           "DPM-Solver++(3M) SDE; Brownian-tree noise (default scheduler exponential)",
+           noise="brownian", discard=True),
         SamplerInfo(
-            name="dpmpp_2m",
-            fn=sample_dpmpp_2m,
-            label="DPM++ 2M Karras",
-            schedule="karras",
+            name="lcm",
+            fn=sample_lcm,
+            label="LCM",
+            schedule="lcm",
             supports_eta=False,
-            description="DPM-Solver++(2M), Karras sigmas; deterministic, good at 20-30 steps",
-        ),
-        SamplerInfo(
-            name="euler_a",
-            fn=sample_euler_ancestral,
-            label="Euler a",
-            schedule="karras",
-            supports_eta=True,
-            description="Euler ancestral, Karras sigmas; adds fresh noise every step (eta 1)",
-            default_eta=1.0,
+            description="LCM for LCM-distilled weights (LCM-LoRA), 4-8 steps, at most 50; re-noises every step",
+            noise="ancestral",
+            _calls=lambda steps: len(lcm_timesteps(steps)),
         ),
     )
 }

@@ -325,3 +325,15 @@ def _resave_pixels(pixels, dst: Path, parameters: str, meta: dict) -> Path:
     info.add_text("sd_cli", json.dumps(meta))
     Image.fromarray(pixels).save(dst, pnginfo=info)
     return dst
+
+
+def test_warnings_print_above_a_progress_bar(monkeypatch, capsys):
+    """Item 12: a warning during sampling goes through tqdm.write, so it never lands inside a bar's line."""
+    import tqdm
+
+    from sd_cli.run.report import Log
+
+    written = []
+    monkeypatch.setattr(tqdm.tqdm, "write", classmethod(lambda cls, s, file=None, **k: written.append(s)))
+    Log().warn("the VAE decode was redone in float32")
+    assert written == ["warning: the VAE decode was redone in float32"] and capsys.readouterr().err == ""

@@ -18,6 +18,7 @@ k-diffusion's BrownianTreeNoiseSampler(x, sigma_min, sigma_max, seed=seed) does 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional
 
 import torch
@@ -63,6 +64,11 @@ class BrownianNoise:
     def __call__(self, sigma: float, sigma_next: float) -> Tensor:
         a, b = float(sigma), float(sigma_next)
         lo, hi, sign = (a, b, 1.0) if a < b else (b, a, -1.0)
-        w = self.tree(lo, hi)  # W(hi) - W(lo), CPU float32
+        with warnings.catch_warnings():
+            # torchsde rounds the tree's ends to 6 decimals (its tol) and clamps queries outside them,
+            # warning each time: sigma_min = 0.0291675 lies below the rounded 0.029168. k-diffusion
+            # (A1111, ComfyUI) hits the same clamp; the numbers are the reference's, the warning is noise.
+            warnings.filterwarnings("ignore", message="Should have (ta|tb)", category=UserWarning)
+            w = self.tree(lo, hi)  # W(hi) - W(lo), CPU float32
         w = w * sign / math.sqrt(abs(b - a))  # (W(sigma_next) - W(sigma)) / sqrt|...|
         return w.to(self.device, self.dtype)

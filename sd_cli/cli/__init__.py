@@ -53,6 +53,14 @@ def _check_combinations(args: argparse.Namespace) -> None:
         raise UsageError("--prompt and --from-file: give one (the file's lines are the prompts)")
 
 
+def _embeddings(args: argparse.Namespace) -> Path | None:
+    from sd_cli.run.settings import DEFAULT_EMBEDDINGS
+
+    if args.embeddings is not None:
+        return Path(args.embeddings).expanduser()
+    return Path(DEFAULT_EMBEDDINGS) if Path(DEFAULT_EMBEDDINGS).is_dir() else None
+
+
 def settings(args: argparse.Namespace):
     """The three settings objects of a run, checked (UsageError otherwise), before anything heavy."""
     from sd_cli.run.prompts import read_prompt_file
@@ -63,7 +71,7 @@ def settings(args: argparse.Namespace):
     _check_combinations(args)
     ckpt, config, demo = choose_model(args.ckpt, args.config)
     runtime = Runtime(ckpt, config, demo, args.device, args.dtype, args.precision, args.threads,
-                      args.vae_tiling or "auto")
+                      args.vae_tiling or "auto", _embeddings(args))
     out = Output(Path(args.outdir), args.skip_grid, args.skip_save, args.n_rows, args.resume, args.json, args.quiet)
     prompts = read_prompt_file(args.from_file) if args.from_file else [args.prompt or DEFAULT_PROMPT]
     gen = Generation.create(
@@ -89,7 +97,8 @@ def replay_settings(args: argparse.Namespace, argv: list[str] | None):
     if bad:
         raise UsageError(f"--replay takes prompt, seed and every setting from the image; drop {', '.join(bad)}")
     ckpt, config, demo = choose_model(args.ckpt, args.config)
-    runtime = Runtime(ckpt, config, demo, args.device, args.dtype, args.precision, args.threads)
+    runtime = Runtime(ckpt, config, demo, args.device, args.dtype, args.precision, args.threads,
+                      embeddings=_embeddings(args))
     write_dir = Path(args.outdir) / "samples" if "outdir" in given else None
     return ReplayRequest(Path(args.replay), args.force, write_dir, args.vae_tiling, args.json, args.quiet), runtime
 

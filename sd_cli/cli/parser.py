@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 
 from sd_cli.run.report import one_line
-from sd_cli.run.settings import COMPVIS_STEPS, DEFAULT_CKPT, DEFAULT_PROMPT, DEFAULT_SAMPLER, DEFAULT_STEPS
+from sd_cli.run.settings import (COMPVIS_STEPS, DEFAULT_CKPT, DEFAULT_EMBEDDINGS, DEFAULT_PROMPT, DEFAULT_SAMPLER,
+                                 DEFAULT_STEPS)
 from sd_cli.version import __version__
 from sd_cli.weights.config import DEFAULT_CONFIG
 from sd_cli.weights.dtypes import DTYPE_CHOICES
@@ -74,6 +75,10 @@ def _what_to_draw(p: argparse.ArgumentParser) -> None:
                    help="a1111 (default): AUTOMATIC1111's prompt language: (word) x1.1, [word] /1.1, (word:1.3), "
                         "\\( for a literal bracket, BREAK starts a new 75-token chunk, prompts of any length "
                         "(README 'Prompts'); plain: the text as it is, cut at CLIP's 75 tokens")
+    g.add_argument("--embeddings", metavar="DIR", default=None,
+                   help=f"textual-inversion embeddings (A1111 .pt/.safetensors, diffusers learned_embeds): a file's "
+                        f"name without extension is its trigger word in the prompt or negative prompt "
+                        f"(default: {DEFAULT_EMBEDDINGS} when it exists)")
     g.add_argument("--clip-skip", "--clip_skip", dest="clip_skip", type=int, default=1,
                    help="A1111's 'Clip skip': use the text encoder's output N layers from its end, through its "
                         "final layer norm; 1 is SD's own (default: %(default)s; 2 for many anime fine-tunes)")

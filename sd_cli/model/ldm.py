@@ -79,11 +79,12 @@ class LatentDiffusion(nn.Module):
             self.register_buffer(name, value.to(torch.float32), persistent=True)
 
     # The three stages, each one call. Shapes for SD v1 at 512x512 and batch B.
-    def encode_text(self, ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
-        """Token ids (B, 77) -> context (B, 77, 768); clip_skip > 1 stops that many layers early."""
-        if clip_skip == 1:
+    def encode_text(self, ids: torch.Tensor, clip_skip: int = 1, overrides=None) -> torch.Tensor:
+        """Token ids (B, 77) -> context (B, 77, 768); clip_skip > 1 stops that many layers early;
+        overrides [(row, position, vectors (n, 768))] replace token embeddings (textual inversion)."""
+        if clip_skip == 1 and not overrides:
             return self.cond_stage_model(ids)
-        return self.cond_stage_model(ids, clip_skip)
+        return self.cond_stage_model(ids, clip_skip, overrides)
 
     def unet(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """Latents (B, 4, 64, 64), timesteps (B,), context (B, 77, 768) -> eps (B, 4, 64, 64)."""

@@ -64,8 +64,16 @@ class FrozenCLIPEmbedder(nn.Module):
         inner.embeddings.register_buffer("position_ids", ids, persistent=True)
         self.transformer = _TransformerLevel(inner)
 
-    def forward(self, ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
-        """CLIP skip N > 1 (A1111's "Clip skip"): the output of layer -N, through the final layer norm."""
+    def forward(self, ids: torch.Tensor, clip_skip: int = 1, overrides=None) -> torch.Tensor:
+        """CLIP skip N > 1 (A1111's "Clip skip"): the output of layer -N, through the final layer norm.
+        overrides [(row, position, vectors (n, hidden))]: those token embeddings replaced (textual inversion)."""
+        if overrides:
+            hook = self.transformer.text_model.embeddings.token_embedding.register_forward_hook(
+                lambda module, args, out: _replace_rows(out, overrides))
+            try:
+                return self.forward(ids, clip_skip)
+            finally:
+                hook.remove()
         text_model = self.transformer.text_model
         if clip_skip == 1:
             return text_model(input_ids=ids).last_hidden_state  # (B, 77, hidden)
@@ -74,3 +82,11 @@ class FrozenCLIPEmbedder(nn.Module):
             raise ValueError(f"clip skip {clip_skip}: this text encoder has {layers} layers")
         out = text_model(input_ids=ids, output_hidden_states=True)
         return text_model.final_layer_norm(out.hidden_states[-clip_skip])  # (B, 77, hidden)
+
+
+def _replace_rows(embedded: torch.Tensor, overrides) -> torch.Tensor:
+    """Token embeddings (B, 77, hidden) with rows [row, pos : pos + n] set to the given vectors."""
+    out = embedded.clone()
+    for row, pos, vectors in overrides:
+        out[row, pos : pos + vectors.shape[0]] = vectors.to(out.dtype)
+    return out

@@ -165,6 +165,7 @@ def a1111_text(meta: dict, schedule: str) -> str:
                                 "width", "height", "model_hash", "model_name")},
         "Schedule type": "Karras" if schedule == "karras" else None,
         "Clip skip": meta["clip_skip"] if meta.get("clip_skip", 1) > 1 else None,
+        "TI hashes": ", ".join(f"{k}: {v}" for k, v in meta["embeddings"].items()) if meta.get("embeddings") else None,
         "Eta DDIM": meta["eta"] if meta["sampler"] == "ddim" and meta["eta"] else None,
         "Batch size": bs if bs > 1 else None,
         "Batch pos": meta.get("batch_index") if bs > 1 else None,

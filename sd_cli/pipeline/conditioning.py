@@ -39,6 +39,7 @@ SYNTAXES = ("a1111", "plain")
 class Chunk:
     tokens: list[int] = field(default_factory=list)
     weights: list[float] = field(default_factory=list)
+    fixes: list[tuple[int, object]] = field(default_factory=list)  # (position in the 77, Embedding)
 
 
 @dataclass(frozen=True)
@@ -48,43 +49,80 @@ class Chunked:
     ids: tuple[tuple[int, ...], ...]
     weights: tuple[tuple[float, ...], ...]
     token_count: int
+    fixes: tuple[tuple[tuple[int, object], ...], ...] = ()  # per chunk: (position, Embedding) to put in
+
+    @property
+    def embeddings(self) -> dict[str, str]:
+        """{name: hash} of the embeddings this prompt uses."""
+        return {emb.name: emb.hash for fixes in self.fixes for _, emb in fixes}
 
 
 def _close(chunk: Chunk, chunks: list[Chunk]) -> None:
     pad = CHUNK - len(chunk.tokens)
+    chunk.fixes = [(offset + 1, emb) for offset, emb in chunk.fixes]  # (after BOS)
     chunk.tokens = [BOS, *chunk.tokens, *[EOS] * pad, EOS]
     chunk.weights = [1.0, *chunk.weights, *[1.0] * pad, 1.0]
     chunks.append(chunk)
 
 
-def chunk_prompt(text: str, tokenizer) -> Chunked:
-    """A1111's chunking of one prompt (see the module docstring)."""
+def chunk_prompt(text: str, tokenizer, embeddings=None) -> Chunked:
+    """A1111's chunking of one prompt (see the module docstring). `embeddings` (an EmbeddingSet): a trigger
+    word's ids become its n vectors' places, in one chunk (a chunk without room for them is closed first)."""
     comma = tokenizer.encode(",")[0]
     chunks: list[Chunk] = []
-    chunk, count, last_comma = Chunk(), 0, -1
+    state = {"chunk": Chunk(), "count": 0, "last_comma": -1}
+
+    def close() -> None:
+        _close(state["chunk"], chunks)
+        state.update(chunk=Chunk(), count=state["count"] + CHUNK, last_comma=-1)
+
     for piece, weight in parse_attention(text):
         if (piece, weight) == BREAK:
-            _close(chunk, chunks)
-            chunk, count, last_comma = Chunk(), count + CHUNK, -1
+            close()
             continue
-        for token in tokenizer.encode(piece):
-            if token == comma:
-                last_comma = len(chunk.tokens)
-            elif len(chunk.tokens) == CHUNK and last_comma != -1 and CHUNK - last_comma <= COMMA_BACKTRACK:
-                cut = last_comma + 1
-                moved = Chunk(chunk.tokens[cut:], chunk.weights[cut:])
-                chunk.tokens, chunk.weights = chunk.tokens[:cut], chunk.weights[:cut]
-                _close(chunk, chunks)
-                chunk, count, last_comma = moved, count + CHUNK, -1
-            if len(chunk.tokens) == CHUNK:
-                _close(chunk, chunks)
-                chunk, count, last_comma = Chunk(), count + CHUNK, -1
-            chunk.tokens.append(token)
-            chunk.weights.append(weight)
+        tokens, pos = tokenizer.encode(piece), 0
+        while pos < len(tokens):
+            _place(tokens, pos, comma, state, close)
+            found = embeddings.match(tokens, pos) if embeddings is not None else None
+            chunk = state["chunk"]
+            if found is None:
+                chunk.tokens.append(tokens[pos])
+                chunk.weights.append(weight)
+                pos += 1
+                continue
+            emb, span = found
+            n = emb.vectors.shape[0]
+            if len(chunk.tokens) + n > CHUNK:  # an embedding is never split across chunks
+                close()
+                chunk = state["chunk"]
+            chunk.fixes.append((len(chunk.tokens), emb))
+            chunk.tokens += [0] * n
+            chunk.weights += [weight] * n
+            pos += span
+    chunk = state["chunk"]
+    count = state["count"]
     if chunk.tokens or not chunks:
         count += len(chunk.tokens)
         _close(chunk, chunks)
-    return Chunked(tuple(tuple(c.tokens) for c in chunks), tuple(tuple(c.weights) for c in chunks), count)
+    return Chunked(tuple(tuple(c.tokens) for c in chunks), tuple(tuple(c.weights) for c in chunks), count,
+                   tuple(tuple(c.fixes) for c in chunks))
+
+
+def _place(tokens: list[int], pos: int, comma: int, state: dict, close) -> None:
+    """Before token `pos` goes in: note a comma, move the words after the last comma of a full chunk to the
+    next one (within COMMA_BACKTRACK tokens), and close a full chunk."""
+    chunk = state["chunk"]
+    if tokens[pos] == comma:
+        state["last_comma"] = len(chunk.tokens)
+    elif len(chunk.tokens) == CHUNK and state["last_comma"] != -1 and CHUNK - state["last_comma"] <= COMMA_BACKTRACK:
+        cut = state["last_comma"] + 1
+        moved = Chunk(chunk.tokens[cut:], chunk.weights[cut:], [(o - cut, e) for o, e in chunk.fixes if o >= cut])
+        chunk.tokens, chunk.weights = chunk.tokens[:cut], chunk.weights[:cut]
+        chunk.fixes = [(o, e) for o, e in chunk.fixes if o < cut]
+        close()
+        state["chunk"] = moved
+    if len(state["chunk"].tokens) == CHUNK:
+        close()
 
 
 def token_count(prompt: str, syntax: str) -> int:
@@ -102,13 +140,16 @@ EMPTY = (BOS, *[EOS] * (CHUNK + 1))
 def encode_chunked(encode, prompts: list[Chunked], device) -> torch.Tensor:
     """Context (B, 77 k, D) for B chunked prompts: each chunk encoded alone, weighted, concatenated.
 
-    `encode(ids (B, 77)) -> (B, 77, D)` is the text encoder (CLIP skip already applied)."""
+    `encode(ids (B, 77), overrides) -> (B, 77, D)` is the text encoder (CLIP skip already applied);
+    overrides [(row, position, vectors (n, D))] replace token embeddings (textual inversion)."""
     k = max(len(p.ids) for p in prompts)
     parts = []
     for i in range(k):  # chunk i of every prompt in one encoder call; missing chunks are empty ones
         ids = torch.tensor([p.ids[i] if i < len(p.ids) else EMPTY for p in prompts], dtype=torch.long)
         weights = [p.weights[i] if i < len(p.ids) else (1.0,) * len(EMPTY) for p in prompts]
-        z = encode(ids.to(device))  # (B, 77, D)
+        overrides = [(row, pos, emb.vectors) for row, p in enumerate(prompts) if i < len(p.fixes)
+                     for pos, emb in p.fixes[i]]
+        z = encode(ids.to(device), overrides)  # (B, 77, D)
         parts.append(_emphasis(z, weights))
     return torch.cat(parts, dim=1)
 

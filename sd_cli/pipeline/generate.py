@@ -44,10 +44,12 @@ class Pipeline:
         device: torch.device,
         on_warning: Callable[[str], None] | None = None,
         vae_tiling: str = "auto",
+        embeddings=None,
     ):
         self.model = model
         self.device = device
         self.tokenizer = get_tokenizer()
+        self.embeddings = embeddings  # textual inversion (sd_cli.weights.embeddings.EmbeddingSet) or None
         self.on_warning = on_warning or (lambda msg: log.warning(msg))
         self._uncond_cache: dict[str, torch.Tensor] = {}
         # VAE decode: tiled above 512x512 (auto), redone in float32 if half precision gives NaN/inf.
@@ -56,8 +58,9 @@ class Pipeline:
     def _encode(self, texts: list[str], what: str, syntax: str = "plain", clip_skip: int = 1) -> torch.Tensor:
         """Context (B, 77 k, 768) of `texts` (sd_cli.pipeline.conditioning)."""
         if syntax == "a1111":
-            chunked = [chunk_prompt(text, self.tokenizer) for text in texts]
-            return encode_chunked(lambda ids: self.model.encode_text(ids, clip_skip), chunked, self.device)
+            chunked = [chunk_prompt(text, self.tokenizer, self.embeddings) for text in texts]
+            return encode_chunked(lambda ids, fixes: self.model.encode_text(ids, clip_skip, fixes), chunked,
+                                  self.device)
         tok = self.tokenizer(texts)
         for text, dropped, n in zip(texts, tok.n_dropped, tok.n_tokens):
             if dropped:

@@ -82,6 +82,10 @@ class StableDiffusion:
             asked = runtime.threads or (ddp.threads(default_threads()) if ddp else None)
             self.threads = set_threads(asked)
         self.model_hash = short_hash(runtime.ckpt)  # (cached per file; part of every image's metadata)
+        from sd_cli.model.tokenizer import get_tokenizer
+        from sd_cli.weights.embeddings import EmbeddingSet
+
+        self.embeddings = EmbeddingSet(runtime.embeddings, get_tokenizer(), self.config.model.text.hidden_size)
         self._pipe = None
 
     @classmethod
@@ -122,7 +126,8 @@ class StableDiffusion:
             model = loading.load_model(self.config.model, self.runtime.ckpt, device=self.device,
                                        dtype=self.dtype_choice.dtype)
             self.log.info(f"model loaded in {time.perf_counter() - t0:.1f} s (hash {self.model_hash})")
-            self._pipe = Pipeline(model, self.device, on_warning=self.log.warn, vae_tiling=self.runtime.vae_tiling)
+            self._pipe = Pipeline(model, self.device, on_warning=self.log.warn, vae_tiling=self.runtime.vae_tiling,
+                                  embeddings=self.embeddings)
         return self._pipe
 
     def base_metadata(self, gen: Generation) -> dict:
@@ -151,6 +156,23 @@ class StableDiffusion:
             "sd_cli_version": __version__,
         }
 
+    def describe(self, gen: Generation, prompt: str) -> dict:
+        """Per-image metadata that depends on the prompt: its token count and the embeddings it (or the
+        negative prompt) uses, {name: hash} (only when there are some)."""
+        from sd_cli.model.tokenizer import get_tokenizer
+        from sd_cli.pipeline.conditioning import chunk_prompt, token_count
+
+        if gen.prompt_syntax != "a1111":
+            return {"token_count": token_count(prompt, gen.prompt_syntax)}
+        tok = get_tokenizer()
+        chunked = chunk_prompt(prompt, tok, self.embeddings)
+        used = {**chunked.embeddings, **chunk_prompt(gen.negative_prompt, tok, self.embeddings).embeddings}
+        return {"token_count": chunked.token_count, **({"embeddings": dict(sorted(used.items()))} if used else {})}
+
+    def plan(self, gen: Generation) -> WorkPlan:
+        """The work items of `gen` on this model."""
+        return WorkPlan(gen, self.base_metadata(gen), lambda prompt: self.describe(gen, prompt))
+
     def render(self, gen: Generation, item: WorkItem, on_step: StepCallback | None = None) -> list[np.ndarray]:
         """The images (H, W, 3) uint8 of one work item: seed, then noise, then generate, then watermark."""
         import torch
@@ -177,7 +199,7 @@ class StableDiffusion:
 
         gen = Generation.create([prompt], demo=self.runtime.demo, seed=seed, n_samples=n, n_iter=1, **settings)
         self.check(gen)
-        item = WorkPlan(gen, self.base_metadata(gen))[0]
+        item = self.plan(gen)[0]
         schedule = get_sampler(gen.sampler).schedule
         return [_pil(img, a1111_text(meta, schedule), meta) for img, meta in zip(self.render(gen, item), item.metas)]
 

@@ -199,7 +199,7 @@ class ReplayRequest:
     quiet: bool = False
 
 
-def _engine(req: ReplayRequest, runtime, rec: Recorded, log):
+def _engine(req: ReplayRequest, runtime, rec: Recorded, meta: dict, log):
     """The model as the image was made: the run's thread count and VAE decode unless given otherwise,
     and the same checkpoint by hash (`--force` goes on with a warning)."""
     from dataclasses import replace
@@ -214,6 +214,11 @@ def _engine(req: ReplayRequest, runtime, rec: Recorded, log):
         if not req.force:
             raise CheckpointError(f"{why}; pass that model's file as --ckpt, or add --force to replay anyway")
         log.warn(f"{why}; replaying anyway (--force)")
+    recorded = meta.get("embeddings") if isinstance(meta.get("embeddings"), dict) else {}
+    missing = sorted(str(name) for name in recorded if name not in sd.embeddings.paths)
+    if missing:
+        raise ReplayError(f"{req.image} was made with the embedding(s) {', '.join(missing)}; put them in a folder "
+                          "and pass it as --embeddings")
     if (sd.device.type, sd.dtype_name) != (rec.device, rec.dtype):
         log.info(f"recorded on {rec.device} in {rec.dtype}, replaying on {sd.device.type} in {sd.dtype_name}: "
                  "expect small differences")
@@ -293,7 +298,7 @@ def replay(req: ReplayRequest, runtime, state) -> int:
         from sd_cli.output.png import ensure_writable_dir
 
         ensure_writable_dir(req.write_dir)
-    sd = _engine(req, runtime, rec, log)
+    sd = _engine(req, runtime, rec, meta, log)
     t0 = time.perf_counter()
     sd.pipeline()
     options, gen = _regenerate(sd, rec, meta, path, req.quiet)
@@ -328,13 +333,12 @@ def check_metadata(sd, gen, rec: Recorded, meta: dict, text: str | None, marked:
     expected = {**sd.base_metadata(gen), "prompt": rec.prompt, "seed": rec.seed, "batch_size": rec.batch_size,
                 "batch_index": rec.batch_index, "n_samples": rec.n_samples, "iteration": meta.get("iteration", 0),
                 "watermark": marked}
-    if "token_count" in meta:
-        from sd_cli.pipeline.conditioning import token_count
-
-        expected["token_count"] = token_count(rec.prompt, gen.prompt_syntax)
+    expected.update(sd.describe(gen, rec.prompt))
     expected.update({k: meta[k] for k in ENVIRONMENT_FIELDS if k in meta})
     expected.update({k: meta[k] for k in _NOT_COMPARED if k in meta})
     differs = sorted(k for k in meta if k not in _NOT_COMPARED and (k not in expected or meta[k] != expected[k]))
+    if expected.get("embeddings") and "embeddings" not in meta:  # a trigger word that is an embedding now
+        differs.append("embeddings")
     written = a1111_text(expected, get_sampler(gen.sampler).schedule)
     as_file = {k: expected.get(k, meta[k]) for k in meta}  # the fields the file has, as these settings write them
     return {"differs": differs, "text_matches": text == written, "text": written, "meta": as_file,

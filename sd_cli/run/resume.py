@@ -63,9 +63,10 @@ KEY_FIELDS = (
     "watermark",
     "prompt_syntax",
     "clip_skip",
+    "embeddings",
 )
 # Fields newer than some images: their value when a file does not have them (what made those images).
-KEY_DEFAULTS = {"prompt_syntax": "plain", "clip_skip": 1}
+KEY_DEFAULTS = {"prompt_syntax": "plain", "clip_skip": 1, "embeddings": {}}
 _FLOAT_FIELDS = ("scale", "eta")
 _MAX_WARNINGS = 5
 

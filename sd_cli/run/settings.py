@@ -20,6 +20,7 @@ from sd_cli.weights.config import DEFAULT_CONFIG
 from sd_cli.weights.dtypes import DTYPE_CHOICES
 
 DEFAULT_CKPT = "models/ldm/stable-diffusion-v1/model.ckpt"
+DEFAULT_EMBEDDINGS = "models/embeddings"  # A1111's folder; used when it exists and --embeddings is not given
 DEFAULT_PROMPT = "a painting of a virus monster playing guitar"
 # No sampler and no step count given: DPM-Solver++(2M) Karras, 25 steps (README "Samplers";
 # tests/test_default_sampler.py has the evidence).
@@ -208,8 +209,11 @@ class Runtime:
     precision: str | None = None  # CompVis' full | autocast
     threads: int | None = None  # CPU threads; None: the physical cores
     vae_tiling: str = "auto"
+    embeddings: Path | None = None  # textual-inversion folder (a file's stem is its trigger word)
 
     def __post_init__(self) -> None:
+        if self.embeddings is not None and not self.embeddings.is_dir():
+            raise UsageError(f"--embeddings {self.embeddings}: not a folder")
         if self.threads is not None and not 1 <= self.threads <= 1024:
             raise UsageError(f"--threads {self.threads}: must be between 1 and 1024")
         if self.dtype not in (None, *DTYPE_CHOICES):

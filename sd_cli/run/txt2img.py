@@ -16,7 +16,7 @@ from sd_cli.run.report import Log, RunState
 from sd_cli.run.resume import ResumePlan
 from sd_cli.run.settings import Generation, Output, Runtime
 from sd_cli.run.sink import Sink
-from sd_cli.run.work import WorkItem, WorkPlan
+from sd_cli.run.work import WorkItem
 
 
 def txt2img(gen: Generation, runtime: Runtime, out: Output, state: RunState) -> None:
@@ -49,7 +49,7 @@ def _run(gen: Generation, runtime: Runtime, out: Output, state: RunState, ddp, l
     state.rank = sd.rank
     check_memory(sd, gen)
     base = sd.base_metadata(gen)
-    items, sink = WorkPlan(gen, base), Sink(out, gen, base, state)
+    items, sink = sd.plan(gen), Sink(out, gen, base, state)
     plan = _resume_plan(out, ddp, log)
     if not (out.resume and ddp is None):  # (under torchrun every rank loads before the collectives)
         sd.pipeline()

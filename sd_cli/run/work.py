@@ -37,17 +37,22 @@ def batches(gen: Generation) -> list[tuple[str, ...]]:
 class WorkPlan(Sequence):
     """The run's work items in one-process order, built lazily from the settings and base metadata."""
 
-    def __init__(self, gen: Generation, base: dict):
+    def __init__(self, gen: Generation, base: dict, describe=None):
+        """`describe(prompt) -> dict`: per-prompt metadata (token count, embeddings); default: token count."""
         self.gen, self.base = gen, base
         self.batches = batches(gen)
-        self._counts: dict[str, int] = {}
+        self._fields: dict[str, dict] = {}
+        self._describer = describe
 
-    def _tokens(self, prompt: str) -> int:
-        if prompt not in self._counts:
-            from sd_cli.pipeline.conditioning import token_count
+    def _describe(self, prompt: str) -> dict:
+        if prompt not in self._fields:
+            if self._describer is not None:
+                self._fields[prompt] = self._describer(prompt)
+            else:
+                from sd_cli.pipeline.conditioning import token_count
 
-            self._counts[prompt] = token_count(prompt, self.gen.prompt_syntax)
-        return self._counts[prompt]
+                self._fields[prompt] = {"token_count": token_count(prompt, self.gen.prompt_syntax)}
+        return self._fields[prompt]
 
     def __len__(self) -> int:
         return self.gen.n_iter * len(self.batches)
@@ -61,7 +66,7 @@ class WorkPlan(Sequence):
         seed = gen.seed + (0 if gen.fixed_code else j)
         metas = tuple({**self.base, "prompt": prompt, "seed": seed, "batch_size": len(prompts), "batch_index": i,
                        "n_samples": gen.n_samples, "iteration": n, "watermark": gen.watermarked,
-                       "token_count": self._tokens(prompt)}
+                       **self._describe(prompt)}
                       for i, prompt in enumerate(prompts))
         return WorkItem(j, n, prompts, seed, metas)
 

@@ -56,6 +56,18 @@ _DEFLATE_MAX_RATIO = 1032  # deflate's ceiling: 258 bytes per 2-bit length/dista
 # --------------------------------------------------------------------------------------------------
 
 
+def read_object(path: str | Path) -> Any:
+    """The top object of a .safetensors file (a dict of tensors) or a PyTorch zip file (whatever it pickled,
+    through the restricted unpickler: no code runs). For add-on files (embeddings) whose layout varies."""
+    path = Path(path)
+    head = _check_readable(path)
+    if _looks_like_safetensors(head) or path.suffix.lower() == ".safetensors":
+        return _read_safetensors(path)
+    if head.startswith(b"PK\x03\x04"):
+        return _read_torch_zip(path)
+    raise CheckpointError(f"{path} is neither a safetensors file nor a PyTorch zip file (unrecognised content)")
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Return the tensors of a checkpoint, keyed by name, without running code from the file.
 

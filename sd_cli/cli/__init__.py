@@ -25,8 +25,13 @@ from sd_cli.errors import SdCliError, StdoutClosedByReader, StdoutError, UsageEr
 GENERATION_DESTS = frozenset({
     "prompt", "negative_prompt", "from_file", "laion400m", "sampler", "plms", "dpm_solver", "ddim_steps", "steps",
     "ddim_eta", "scale", "seed", "fixed_code", "H", "W", "C", "f", "n_samples", "n_iter", "n_rows",
-    "skip_grid", "skip_save", "no_watermark", "resume", "prompt_syntax", "clip_skip",
+    "skip_grid", "skip_save", "no_watermark", "resume", "prompt_syntax", "clip_skip", "params", "strict_params",
 })
+# --params keyword -> the flags that, given on the command line, win over the infotext's value.
+PARAMS_FLAGS = {"prompt": ("prompt",), "negative_prompt": ("negative_prompt",), "steps": ("steps", "ddim_steps"),
+                "scale": ("scale",), "seed": ("seed",), "width": ("W",), "height": ("H",),
+                "sampler": ("sampler", "plms", "dpm_solver", "ddim_steps"), "clip_skip": ("clip_skip",),
+                "eta": ("ddim_eta",), "n_samples": ("n_samples",)}
 
 
 def given_options(argv: list[str] | None) -> dict[str, str]:
@@ -49,6 +54,8 @@ def _check_combinations(args: argparse.Namespace) -> None:
         raise UsageError('--outdir "": give a folder (. for the current one)')
     if args.force and not args.replay:
         raise UsageError("--force only applies to --replay")
+    if args.strict_params and args.params is None:
+        raise UsageError("--strict-params only applies to --params")
     if args.prompt is not None and args.from_file:
         raise UsageError("--prompt and --from-file: give one (the file's lines are the prompts)")
 
@@ -61,7 +68,26 @@ def _embeddings(args: argparse.Namespace) -> Path | None:
     return Path(DEFAULT_EMBEDDINGS) if Path(DEFAULT_EMBEDDINGS).is_dir() else None
 
 
-def settings(args: argparse.Namespace):
+def _from_params(args: argparse.Namespace, given: dict, kwargs: dict) -> dict:
+    """`kwargs` with the --params infotext's values for every setting the command line does not give."""
+    from sd_cli.run.params import read_infotext, settings_from_infotext
+
+    if args.from_file:
+        raise UsageError("--params and --from-file: give one")
+    found, unused = settings_from_infotext(read_infotext(args.params))
+    if unused and args.strict_params:
+        raise UsageError(f"--params: fields this tool does not use: {', '.join(unused)} (--strict-params)")
+    if unused:
+        print(f"warning: --params: not used: {', '.join(unused)}", file=sys.stderr)
+    for key, value in found.items():
+        if not any(flag in given for flag in PARAMS_FLAGS[key]):
+            kwargs[key] = value
+            if key == "steps":
+                kwargs["ddim_steps"] = None  # the infotext's Steps stand for either flag
+    return kwargs
+
+
+def settings(args: argparse.Namespace, given: dict | None = None):
     """The three settings objects of a run, checked (UsageError otherwise), before anything heavy."""
     from sd_cli.run.prompts import read_prompt_file
     from sd_cli.run.settings import DEFAULT_PROMPT, Generation, Output, Runtime, choose_model
@@ -73,15 +99,18 @@ def settings(args: argparse.Namespace):
     runtime = Runtime(ckpt, config, demo, args.device, args.dtype, args.precision, args.threads,
                       args.vae_tiling or "auto", _embeddings(args))
     out = Output(Path(args.outdir), args.skip_grid, args.skip_save, args.n_rows, args.resume, args.json, args.quiet)
-    prompts = read_prompt_file(args.from_file) if args.from_file else [args.prompt or DEFAULT_PROMPT]
-    gen = Generation.create(
-        prompts, demo=demo, sampler=args.sampler, steps=args.steps, ddim_steps=args.ddim_steps, plms=args.plms,
-        dpm_solver=args.dpm_solver, eta=args.ddim_eta, scale=args.scale, height=args.H, width=args.W,
-        from_file=bool(args.from_file), negative_prompt=args.negative_prompt, seed=args.seed,
-        fixed_code=args.fixed_code, latent_channels=args.C, factor=args.f, n_samples=args.n_samples,
-        n_iter=args.n_iter, watermark=not args.no_watermark, prompt_syntax=args.prompt_syntax,
-        clip_skip=args.clip_skip,
+    kwargs = dict(
+        prompt=args.prompt or DEFAULT_PROMPT, sampler=args.sampler, steps=args.steps, ddim_steps=args.ddim_steps,
+        plms=args.plms, dpm_solver=args.dpm_solver, eta=args.ddim_eta, scale=args.scale, height=args.H,
+        width=args.W, negative_prompt=args.negative_prompt, seed=args.seed, fixed_code=args.fixed_code,
+        latent_channels=args.C, factor=args.f, n_samples=args.n_samples, n_iter=args.n_iter,
+        watermark=not args.no_watermark, prompt_syntax=args.prompt_syntax, clip_skip=args.clip_skip,
     )
+    if args.params is not None:
+        kwargs = _from_params(args, given or {}, kwargs)
+    prompt = kwargs.pop("prompt")
+    prompts = read_prompt_file(args.from_file) if args.from_file else [prompt]
+    gen = Generation.create(prompts, demo=demo, from_file=bool(args.from_file), **kwargs)
     return gen, runtime, out
 
 
@@ -132,7 +161,7 @@ def _execute(args: argparse.Namespace, argv: list[str] | None, state) -> int:
         return replay(request, runtime, state)
     from sd_cli.run.txt2img import txt2img
 
-    gen, runtime, out = settings(args)
+    gen, runtime, out = settings(args, given_options(argv) if args.params is not None else None)
     _demo_note(runtime, gen.scale, args.quiet)
     txt2img(gen, runtime, out, state)
     return 0

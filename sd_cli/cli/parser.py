@@ -70,6 +70,11 @@ def _what_to_draw(p: argparse.ArgumentParser) -> None:
                    help="read prompts from FILE, one per line (UTF-8, BOM and CRLF fine; blank lines and lines "
                         "starting with # are skipped); batches of --n_samples, the last one may be smaller")
     g.add_argument("--laion400m", action="store_true", help="(CompVis) not supported: refused with an error")
+    g.add_argument("--params", metavar="IMAGE.png|TEXT", default=None,
+                   help="take prompt, negative prompt, steps, sampler, CFG scale, seed, size, clip skip and batch "
+                        "size from an A1111 infotext: a PNG (ours or A1111's) or the text itself; flags given on "
+                        "the command line win; fields this tool does not use are named in a warning")
+    g.add_argument("--strict-params", action="store_true", help="with --params: unused fields are an error")
     g.add_argument("--prompt-syntax", "--prompt_syntax", dest="prompt_syntax", choices=("a1111", "plain"),
                    default="a1111",
                    help="a1111 (default): AUTOMATIC1111's prompt language: (word) x1.1, [word] /1.1, (word:1.3), "

@@ -59,8 +59,7 @@ class Pipeline:
         """Context (B, 77 k, 768) of `texts` (sd_cli.pipeline.conditioning)."""
         if syntax == "a1111":
             chunked = [chunk_prompt(text, self.tokenizer, self.embeddings) for text in texts]
-            return encode_chunked(lambda ids, fixes: self.model.encode_text(ids, clip_skip, fixes), chunked,
-                                  self.device)
+            return encode_chunked(lambda ids, fixes: self._text(ids, clip_skip, fixes), chunked, self.device)
         tok = self.tokenizer(texts)
         for text, dropped, n in zip(texts, tok.n_dropped, tok.n_tokens):
             if dropped:
@@ -68,7 +67,13 @@ class Pipeline:
                 self.on_warning(
                     f"{what} {short!r} is {n} tokens; CLIP reads 75, so the last {dropped} were dropped"
                 )
-        return self.model.encode_text(tok.ids.to(self.device), clip_skip)  # (B, 77, 768)
+        return self._text(tok.ids.to(self.device), clip_skip)  # (B, 77, 768)
+
+    def _text(self, ids: torch.Tensor, clip_skip: int = 1, fixes=None) -> torch.Tensor:
+        """The text encoder on (B, 77) ids; the extra arguments only when they are not the defaults."""
+        if clip_skip == 1 and not fixes:
+            return self.model.encode_text(ids)
+        return self.model.encode_text(ids, clip_skip, fixes)
 
     def _nan_hint(self) -> str:
         dtype = next(self.model.parameters()).dtype

@@ -20,8 +20,8 @@ A1111_TEXT = ("masterpiece, a castle\nNegative prompt: blurry\nSteps: 20, Sample
 def test_reads_a1111s_infotext_and_names_what_it_does_not_use():
     found, unused = settings_from_infotext(A1111_TEXT)
     assert found == {"prompt": "masterpiece, a castle", "negative_prompt": "blurry", "steps": 20, "scale": 7.0,
-                     "seed": 1234, "width": 512, "height": 768, "sampler": "dpmpp_2m", "clip_skip": 2,
-                     "n_samples": 1}
+                     "seed": 1234, "width": 512, "height": 768, "sampler": "dpmpp_2m", "scheduler": "karras",
+                     "clip_skip": 2, "n_samples": 1}
     assert unused == ["Denoising strength", "Hires upscale"]
 
 

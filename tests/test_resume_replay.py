@@ -50,7 +50,8 @@ META = {"prompt": "a cat", "negative_prompt": "", "seed": 42, "batch_index": 0, 
 OTHER = {"prompt": "a dog", "negative_prompt": "blurry", "seed": 43, "batch_index": 1, "batch_size": 3,
          "n_samples": 3, "steps": 21, "sampler": "plms", "scale": 7.0, "eta": 0.5, "width": 72, "height": 56,
          "model_hash": "abcdefabcd", "dtype": "float16", "vae_decode": "tiles", "watermark": True,
-         "prompt_syntax": "a1111", "clip_skip": 2}  # (the last two: absent in META, which means plain, 1)
+         "prompt_syntax": "a1111", "clip_skip": 2, "embeddings": {"style": "0123456789ab"}, "scheduler": "exponential",
+         "s_noise": 0.9}  # (the last five: absent in META, which means their defaults)
 
 
 def _png(directory: Path, meta: dict, value: int = 0) -> Path:

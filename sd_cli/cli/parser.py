@@ -30,8 +30,28 @@ class _Parser(argparse.ArgumentParser):
 def _sampler_help() -> tuple[list[str], str]:
     from sd_cli.sampling.samplers import SAMPLERS
 
-    lines = [f"{name}: {info.description}" for name, info in SAMPLERS.items()]
+    lines = [f"{name} ({info.a1111_name or info.label}, {info.schedule}): {info.description}"
+             for name, info in SAMPLERS.items()]
     return list(SAMPLERS), "; ".join(lines)
+
+
+def _schedulers() -> list[str]:
+    from sd_cli.sampling.schedule import SCHEDULERS
+
+    return list(SCHEDULERS)
+
+
+def sampler_name(text: str) -> str:
+    """A sampler by its registry name or A1111's display name ("Euler a", "DPM++ 2M SDE"), any case."""
+    from sd_cli.sampling.samplers import SAMPLERS
+
+    if text in SAMPLERS:
+        return text
+    wanted = text.strip().lower()
+    for name, info in SAMPLERS.items():
+        if wanted in (name.lower(), info.label.lower(), (info.a1111_name or "").lower()):
+            return name
+    raise argparse.ArgumentTypeError(f"unknown sampler {text!r}; choose one of: {', '.join(SAMPLERS)}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,9 +111,16 @@ def _what_to_draw(p: argparse.ArgumentParser) -> None:
 
 def _sampling(p: argparse.ArgumentParser, names: list[str], sampler_lines: str) -> None:
     g = p.add_argument_group("sampling")
-    g.add_argument("--sampler", choices=names, default=None,
-                   help=f"sampling method (default: {DEFAULT_SAMPLER} with {DEFAULT_STEPS} steps; ddim when only "
-                        f"--ddim_steps is given, as CompVis). {sampler_lines}")
+    g.add_argument("--sampler", type=sampler_name, default=None, metavar="NAME",
+                   help=f"sampling method, by ComfyUI's name or A1111's (default: {DEFAULT_SAMPLER} with "
+                        f"{DEFAULT_STEPS} steps; ddim when only --ddim_steps is given, as CompVis). Each with its "
+                        f"A1111 name and default scheduler: {sampler_lines}")
+    g.add_argument("--scheduler", choices=_schedulers(), default=None,
+                   help="the sigma list of the k-diffusion samplers (default: per sampler as A1111's Automatic: "
+                        "karras for dpmpp_2m and the SDE samplers, the model's own 'normal' for euler, heun, lms, "
+                        "dpm_2 and the ancestral ones; ddim, plms and lcm run on their own grids)")
+    g.add_argument("--s-noise", "--s_noise", dest="s_noise", type=float, default=None,
+                   help="A1111's 'sigma noise' for the samplers that add noise (default: 1)")
     g.add_argument("--plms", action="store_true", help="alias of --sampler plms")
     g.add_argument("--dpm_solver", "--dpm-solver", action="store_true", help="alias of --sampler dpmpp_2m")
     g.add_argument("--steps", type=int, default=None,

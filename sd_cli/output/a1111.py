@@ -6,6 +6,7 @@ import json
 import re
 from typing import Any
 
+from sd_cli.sampling.schedule import SCHEDULER_LABELS
 from sd_cli.version import __version__
 
 # (input key, A1111 label) in A1111's order; "Size" is built from width/height.
@@ -163,7 +164,7 @@ def a1111_text(meta: dict, schedule: str) -> str:
     return a1111_parameters({
         **{k: meta[k] for k in ("prompt", "negative_prompt", "steps", "sampler_label", "scale", "seed",
                                 "width", "height", "model_hash", "model_name")},
-        "Schedule type": "Karras" if schedule == "karras" else None,
+        "Schedule type": SCHEDULER_LABELS.get(meta.get("scheduler") or schedule),
         "Clip skip": meta["clip_skip"] if meta.get("clip_skip", 1) > 1 else None,
         "TI hashes": ", ".join(f"{k}: {v}" for k, v in meta["embeddings"].items()) if meta.get("embeddings") else None,
         "Eta DDIM": meta["eta"] if meta["sampler"] == "ddim" and meta["eta"] else None,

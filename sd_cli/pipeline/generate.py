@@ -104,6 +104,8 @@ class Pipeline:
         callback: Callable[[int, int, torch.Tensor], None] | None = None,
         prompt_syntax: str = "plain",
         clip_skip: int = 1,
+        scheduler: str | None = None,
+        s_noise: float = 1.0,
     ) -> np.ndarray:
         """Images (B, H, W, 3) uint8 for B prompts from start noise (B, 4, H/8, W/8)."""
         info = get_sampler(sampler)
@@ -144,7 +146,10 @@ class Pipeline:
             if callback is not None:
                 callback(i, total, x)
 
-        latents = info.fn(eps_model, x_T, ac, steps, eta=eta, generator=generator, callback=checked)
+        extra = {"scheduler": scheduler} if scheduler not in (None, info.schedule) else {}
+        if s_noise != 1.0:
+            extra["s_noise"] = s_noise
+        latents = info.fn(eps_model, x_T, ac, steps, eta=eta, generator=generator, callback=checked, **extra)
         if finite:
             flags = torch.stack(finite).cpu().tolist()
             if not all(flags):

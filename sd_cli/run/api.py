@@ -133,13 +133,12 @@ class StableDiffusion:
     def base_metadata(self, gen: Generation) -> dict:
         """The sd_cli metadata every image of `gen` shares (prompt, seed and batch position come per image)."""
         from sd_cli.pipeline.vae_tiling import decode_method
-        from sd_cli.sampling.samplers import get_sampler
 
         return {
             "negative_prompt": gen.negative_prompt,
             "steps": gen.steps,
             "sampler": gen.sampler,
-            "sampler_label": get_sampler(gen.sampler).label,
+            "sampler_label": _label(gen),
             "scale": gen.scale,
             "eta": gen.eta,
             "width": gen.width,
@@ -151,6 +150,7 @@ class StableDiffusion:
             "device": self.device.type,
             "threads": self.threads,  # CPU results depend on it (in the last bit); --replay uses the same number
             "fixed_code": gen.fixed_code,
+            **_sampling_fields(gen),
             "prompt_syntax": gen.prompt_syntax,
             "clip_skip": gen.clip_skip,
             "sd_cli_version": __version__,
@@ -186,6 +186,7 @@ class StableDiffusion:
             list(item.prompts), noise[: len(item.prompts)], negative_prompt=gen.negative_prompt,
             sampler=gen.sampler, steps=gen.steps, scale=gen.scale, eta=gen.eta, generator=generator,
             callback=on_step, prompt_syntax=gen.prompt_syntax, clip_skip=gen.clip_skip,
+            scheduler=gen.scheduler, s_noise=gen.s_noise,
         )
         return [apply_watermark(img) if gen.watermarked else img for img in images]
 
@@ -202,6 +203,32 @@ class StableDiffusion:
         item = self.plan(gen)[0]
         schedule = get_sampler(gen.sampler).schedule
         return [_pil(img, a1111_text(meta, schedule), meta) for img, meta in zip(self.render(gen, item), item.metas)]
+
+
+def _sampling_fields(gen: Generation) -> dict:
+    """The scheduler and s_noise, recorded where they are not what the four first samplers always ran
+    with (so images of those keep their metadata as it was)."""
+    from sd_cli.sampling.samplers import get_sampler
+
+    out = {}
+    if gen.scheduler is not None and gen.scheduler != get_sampler(gen.sampler).schedule or gen.sampler not in LEGACY:
+        out["scheduler"] = gen.scheduler
+    if gen.s_noise != 1.0:
+        out["s_noise"] = gen.s_noise
+    return out
+
+
+def _label(gen: Generation) -> str:
+    """A1111's sampler name; "DPM++ 2M Karras" stays as older versions wrote it unless another schedule."""
+    from sd_cli.sampling.samplers import get_sampler
+
+    info = get_sampler(gen.sampler)
+    if gen.scheduler in (None, info.schedule):
+        return info.label
+    return info.a1111_name or info.label
+
+
+LEGACY = ("ddim", "plms", "dpmpp_2m", "euler_a")  # the samplers before issue 16
 
 
 def _pil(img: np.ndarray, parameters: str, metadata: dict):

@@ -39,13 +39,18 @@ def read_infotext(source: str) -> str:
 
 
 def _sampler(label: str, schedule: str | None) -> str | None:
+    """The registry name for A1111's sampler name (a legacy alias only when nothing else has it)."""
     from sd_cli.sampling.samplers import SAMPLERS
 
-    wanted = [label, f"{label} {schedule}" if schedule else None]
-    for name, info in SAMPLERS.items():
-        if info.label in wanted:
-            return name
-    return None
+    wanted = {label, f"{label} {schedule}" if schedule else label}
+    found = [name for name, info in SAMPLERS.items() if {info.label, info.a1111_name} & wanted]
+    return min(found, key=lambda n: SAMPLERS[n].alias_of is not None) if found else None
+
+
+def _scheduler(label: str | None) -> str | None:
+    from sd_cli.sampling.schedule import SCHEDULER_LABELS
+
+    return next((name for name, text in SCHEDULER_LABELS.items() if text == label), None)
 
 
 def settings_from_infotext(text: str) -> tuple[dict, list[str]]:
@@ -72,6 +77,13 @@ def settings_from_infotext(text: str) -> tuple[dict, list[str]]:
             unused.append(f"Sampler: {label}")
         else:
             out["sampler"] = sampler
+            from sd_cli.sampling.samplers import get_sampler
+
+            scheduler = _scheduler(fields.get("Schedule type"))
+            from sd_cli.sampling.schedule import SCHEDULERS
+
+            if scheduler is not None and get_sampler(sampler).schedule in SCHEDULERS:  # (not an own grid)
+                out["scheduler"] = scheduler
     for key, name, kind in (("Clip skip", "clip_skip", int), ("Eta DDIM", "eta", float),
                             ("Batch size", "n_samples", int)):
         if key in fields:

@@ -237,15 +237,16 @@ def _regenerate(sd, rec: Recorded, meta: dict, path: Path, quiet: bool):
     from sd_cli.run.work import WorkItem
 
     m = sd.config.model
-    syntax, clip_skip = meta.get("prompt_syntax", "plain"), meta.get("clip_skip", 1)
-    if not isinstance(syntax, str) or type(clip_skip) is not int:
-        raise ReplayError(f"{path}: its sd_cli metadata has a malformed prompt_syntax or clip_skip")
+    syntax, clip_skip, s_noise = meta.get("prompt_syntax", "plain"), meta.get("clip_skip", 1), meta.get("s_noise", 1.0)
+    if not isinstance(syntax, str) or type(clip_skip) is not int or type(s_noise) not in (int, float):
+        raise ReplayError(f"{path}: its sd_cli metadata has a malformed prompt_syntax, clip_skip or s_noise")
     try:
         gen = Generation((rec.prompt,), negative_prompt=rec.negative_prompt, sampler=rec.sampler, steps=rec.steps,
                          scale=rec.scale, eta=rec.eta, seed=rec.seed, height=rec.height, width=rec.width,
                          latent_channels=m.latent_channels, factor=m.downscale, n_samples=rec.n_samples,
                          fixed_code=meta.get("fixed_code") is True, watermark=False,
-                         prompt_syntax=syntax, clip_skip=clip_skip)  # absent: the text as it is, as made
+                         prompt_syntax=syntax, clip_skip=clip_skip,  # absent: the text as it is, as made
+                         scheduler=_recorded_scheduler(meta, rec.sampler), s_noise=float(s_noise))
     except UsageError as err:
         raise ReplayError(f"{path}: its sd_cli metadata cannot be replayed: {err}") from None
     item = WorkItem(0, 0, (rec.prompt,) * rec.batch_size, rec.seed, ())
@@ -260,6 +261,14 @@ def _regenerate(sd, rec: Recorded, meta: dict, path: Path, quiet: bool):
     if rec.watermark is not None:
         options = {rec.watermark: options[rec.watermark]}
     return options, gen
+
+
+def _recorded_scheduler(meta: dict, sampler: str) -> str:
+    """The recorded scheduler, or (images before the field) the sampler's own default."""
+    from sd_cli.sampling.samplers import get_sampler
+
+    value = meta.get("scheduler")
+    return value if isinstance(value, str) else get_sampler(sampler).schedule
 
 
 def _write(req: ReplayRequest, sd, rec: Recorded, meta: dict, text: str | None, img: np.ndarray, marked: bool,

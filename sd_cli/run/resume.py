@@ -64,9 +64,11 @@ KEY_FIELDS = (
     "prompt_syntax",
     "clip_skip",
     "embeddings",
+    "scheduler",
+    "s_noise",
 )
 # Fields newer than some images: their value when a file does not have them (what made those images).
-KEY_DEFAULTS = {"prompt_syntax": "plain", "clip_skip": 1, "embeddings": {}}
+KEY_DEFAULTS = {"prompt_syntax": "plain", "clip_skip": 1, "embeddings": {}, "scheduler": None, "s_noise": 1.0}
 _FLOAT_FIELDS = ("scale", "eta")
 _MAX_WARNINGS = 5
 

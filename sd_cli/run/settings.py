@@ -108,6 +108,8 @@ class Generation:
     watermark: bool = True  # asked for; images too small to read it back go without (recorded per image)
     prompt_syntax: str = "a1111"  # A1111's prompt language; "plain": the text as it is (images before it)
     clip_skip: int = 1  # A1111's "Clip skip": stop the text encoder this many layers from its end
+    scheduler: str | None = None  # the sigma list (karras, normal, ...); None: the sampler's default
+    s_noise: float = 1.0  # A1111's sigma noise, where the sampler has it
 
     def __post_init__(self) -> None:
         from sd_cli.sampling.samplers import get_sampler
@@ -141,6 +143,10 @@ class Generation:
         if not math.isfinite(self.scale):
             raise UsageError(f"--scale {self.scale}: must be a finite number")
         info = get_sampler(self.sampler)
+        if self.scheduler is not None and info.resolve_scheduler(self.scheduler) != self.scheduler:
+            raise UsageError(f"--scheduler {self.scheduler}: {self.sampler} runs on its own grid")
+        if info.resolve_s_noise(self.s_noise) != self.s_noise:
+            raise UsageError(f"--s-noise {self.s_noise}: not what {self.sampler} runs with")
         if self.sampler == "plms" and self.eta != 0:
             raise UsageError("--plms needs --ddim_eta 0 (PLMS is deterministic)")
         try:
@@ -168,7 +174,8 @@ class Generation:
     def create(cls, prompts: list[str] | tuple[str, ...], *, demo: bool = False, sampler: str | None = None,
                steps: int | None = None, ddim_steps: int | None = None, plms: bool = False,
                dpm_solver: bool = False, eta: float | None = 0.0, scale: float | None = None,
-               height: int | None = None, width: int | None = None, **rest) -> "Generation":
+               height: int | None = None, width: int | None = None, scheduler: str | None = None,
+               s_noise: float | None = None, **rest) -> "Generation":
         """The settings with the tool's defaults filled in: the sampler/step rule, the sampler's own eta,
         and 512x512 at guidance 7.5 (64x64 at guidance 3 for the demo model) where None is given."""
         from sd_cli.sampling.samplers import get_sampler
@@ -184,7 +191,12 @@ class Generation:
         except UsageError as err:
             raise UsageError(f"--ddim_eta {eta}: {err}") from None
         size = SIZE if demo else DEFAULT_SIZE
-        return cls(tuple(prompts), sampler=name, steps=n_steps, eta=run_eta,
+        info = get_sampler(name)
+        try:
+            sched, noise = info.resolve_scheduler(scheduler), info.resolve_s_noise(s_noise)
+        except UsageError as err:
+            raise UsageError(f"--scheduler/--s-noise: {err}") from None
+        return cls(tuple(prompts), sampler=name, steps=n_steps, eta=run_eta, scheduler=sched, s_noise=noise,
                    scale=scale if scale is not None else (GUIDANCE if demo else DEFAULT_SCALE),
                    height=height if height is not None else size, width=width if width is not None else size,
                    **rest)

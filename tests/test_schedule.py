@@ -210,3 +210,81 @@ def test_sigma_t_mapping(sigmas):
     # Outside the table: clamp to the ends.
     assert schedule.sigma_to_t(1e-4, sigmas).item() == 0.0
     assert schedule.sigma_to_t(100.0, sigmas).item() == 999.0
+
+
+# --- schedulers (issue 16) --------------------------------------------------------------------
+
+
+def _log_sigmas(sigmas):
+    return sigmas.double().log()
+
+
+@pytest.mark.parametrize("name", list(schedule.SCHEDULERS))
+@pytest.mark.parametrize("steps", [1, 2, 7, 25, 1000])
+def test_every_scheduler_descends_to_zero_inside_the_table(sigmas, name, steps):
+    sig = schedule.scheduler_sigmas(name, steps, sigmas)
+    assert sig.dtype == torch.float64 and sig[-1].item() == 0.0
+    assert bool((sig[1:] < sig[:-1]).all())
+    assert sigmas[0].item() - 1e-9 <= sig[-2].item() and sig[0].item() <= sigmas[-1].item() + 1e-9
+    n = sig.numel() - 1
+    assert n == schedule.scheduler_length(name, steps)
+    if name == "ddim_uniform":
+        assert n == len(schedule.ddim_timesteps(steps))
+    elif name == "beta":
+        assert 1 <= n <= steps
+    else:
+        assert n == steps
+
+
+def test_scheduler_formulas(sigmas):
+    smin, smax = sigmas[0].item(), sigmas[-1].item()
+    assert torch.equal(schedule.scheduler_sigmas("karras", 9, sigmas), schedule.karras_sigmas(9, smin, smax))
+    exp = schedule.scheduler_sigmas("exponential", 5, sigmas)[:-1]
+    np.testing.assert_allclose(np.log(exp.numpy()), np.linspace(math.log(smax), math.log(smin), 5), rtol=1e-12)
+    # normal: timesteps 999, 999 - 999/(N-1), ..., 0 through t -> sigma; sgm_uniform: N of N+1 such
+    t = np.linspace(999, 0, 4)
+    np.testing.assert_allclose(schedule.scheduler_sigmas("normal", 4, sigmas)[:-1].numpy(),
+                               schedule.t_to_sigma(torch.tensor(t), sigmas).numpy(), rtol=1e-12)
+    t = np.linspace(999, 0, 5)[:-1]
+    np.testing.assert_allclose(schedule.scheduler_sigmas("sgm_uniform", 4, sigmas)[:-1].numpy(),
+                               schedule.t_to_sigma(torch.tensor(t), sigmas).numpy(), rtol=1e-12)
+    # simple: table entries 999, 999 - 250, ... for 4 steps (ComfyUI: sigmas[-(1 + int(i * n / steps))])
+    assert schedule.scheduler_sigmas("simple", 4, sigmas)[:-1].tolist() == sigmas[[999, 749, 499, 249]].double().tolist()
+    # ddim_uniform: the table at CompVis' grid, from the top
+    assert schedule.scheduler_sigmas("ddim_uniform", 4, sigmas)[:-1].tolist() == sigmas[[751, 501, 251, 1]].double().tolist()
+    # beta(0.6, 0.6) quantiles of 999, rounded: dense at both ends
+    from scipy import stats
+
+    ts = np.rint(stats.beta.ppf(1 - np.arange(10) / 10, 0.6, 0.6) * 999).astype(int)
+    assert ts[0] == 999 and ts[-1] < 100
+    assert schedule.scheduler_sigmas("beta", 10, sigmas)[:-1].tolist() == sigmas[ts.tolist()].double().tolist()
+
+
+def test_discard_penultimate(sigmas):
+    full = schedule.scheduler_sigmas("karras", 11, sigmas)
+    cut = schedule.scheduler_sigmas("karras", 10, sigmas, discard_penultimate=True)
+    assert cut.numel() == 11 and torch.equal(cut, torch.cat([full[:-2], full[-1:]]))
+    assert cut[-2].item() > sigmas[0].item() * 1.5  # the last step to 0 starts above sigma_min
+    assert schedule.scheduler_length("karras", 10, discard_penultimate=True) == 10
+    assert schedule.scheduler_sigmas("normal", 1, sigmas, discard_penultimate=True).tolist() == [
+        pytest.approx(sigmas[-1].item()), 0.0]
+
+
+def test_scheduler_names_and_labels():
+    assert list(schedule.SCHEDULERS) == ["karras", "exponential", "normal", "simple", "sgm_uniform",
+                                         "ddim_uniform", "beta"]
+    assert set(schedule.SCHEDULER_LABELS) == set(schedule.SCHEDULERS)
+    assert schedule.SCHEDULER_LABELS["karras"] == "Karras" and schedule.SCHEDULER_LABELS["sgm_uniform"] == "SGM Uniform"
+
+
+@pytest.mark.parametrize("bad", ["Karras", "uniform", "", None, 3])
+def test_unknown_scheduler(sigmas, bad):
+    with pytest.raises(UsageError) as err:
+        schedule.scheduler_sigmas(bad, 10, sigmas)
+    assert "karras" in str(err.value) and err.value.exit_code == 2
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True])
+def test_scheduler_rejects_bad_steps(sigmas, bad):
+    with pytest.raises(UsageError):
+        schedule.scheduler_sigmas("normal", bad, sigmas)

@@ -132,8 +132,14 @@ def ode_karras():
 
 
 @pytest.fixture(scope="module")
+def sde_karras():
+    return _table("stochastic samplers (eta 1), karras sigmas: weak error of mean/std", SDE,
+                  lambda n, k: sde_error(n, k, "karras"))
+
+
+@pytest.fixture(scope="module")
 def sde_default():
-    return _table("stochastic samplers (eta 1), own default scheduler: weak error of mean/std", SDE, sde_error)
+    return _table("stochastic samplers (eta 1), each its default scheduler", SDE, sde_error)
 
 
 # Expected asymptotic order (ratio of errors per doubling of steps) and the bound at 20 steps on
@@ -156,24 +162,31 @@ def test_ode_samplers_converge_to_the_exact_endpoint(ode_karras, name):
         assert 0.8 * order_ratio < a / b < 1.6 * order_ratio, (name, e)
 
 
-SDE_EXPECT = {  # (ratio per doubling, bound at 20 steps) with the sampler's default scheduler
-    "euler_a": (2, 0.22),  # 0.147 (1.90 1.95 1.97)
-    "euler_ancestral": (2, 0.18),  # 0.120 (1.79 1.81)
-    "dpm_2_ancestral": (4, 0.042),  # 2.82e-2 (4.10 4.05)
+SDE_EXPECT = {  # (ratio per doubling, bound at 20 steps), karras sigmas
+    "euler_a": (2, 0.22),  # 0.147 (ratios 1.90 1.95)
+    "euler_ancestral": (2, 0.22),  # the same method and sigmas
+    "dpm_2_ancestral": (4, 0.042),  # 2.82e-2 (4.10 4.05); discards the penultimate sigma
     "dpmpp_2s_ancestral": (4, 0.037),  # 2.48e-2 (3.81 3.93)
     "dpmpp_sde": (4, 0.018),  # 1.20e-2 (4.70 4.68)
-    "dpmpp_2m_sde": (4, 0.024),  # 1.62e-2 (3.92 4.05)
-    "dpmpp_3m_sde": (4, 0.021),  # 1.36e-2 (4.70 4.21)
+    "dpmpp_2m_sde": (4, 0.048),  # 3.23e-2 (4.35 4.22)
+    "dpmpp_3m_sde": (4, 0.019),  # 1.24e-2 (3.91 3.82); discards the penultimate sigma
 }
 
 
 @pytest.mark.parametrize("name", SDE)
-def test_stochastic_samplers_converge_to_the_exact_distribution(sde_default, name):
+def test_stochastic_samplers_converge_to_the_exact_distribution(sde_karras, name):
     order_ratio, bound_20 = SDE_EXPECT[name]
-    e = sde_default[name]
+    e = sde_karras[name]
     assert e[1] < bound_20
     for a, b in zip(e[1:], e[2:]):
         assert 0.8 * order_ratio < a / b < 1.6 * order_ratio, (name, e)
+
+
+@pytest.mark.parametrize("name", SDE)
+def test_stochastic_samplers_refine_on_their_default_scheduler(sde_default, name):
+    """Measured (20 -> 40 -> 80 steps): Euler a on "normal" 1.8 per doubling, the others 3.9-4.7."""
+    e = sde_default[name]
+    assert e[1] > e[2] > e[3] and e[1] / e[3] > 3 and e[3] < 0.05, (name, e)
 
 
 @pytest.fixture(scope="module")

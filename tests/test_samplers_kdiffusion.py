@@ -9,9 +9,10 @@ CompVisDenoiser, with this tool's sigma lists (as float32, what A1111 passes) an
 the generator's draws after the start noise for the ancestral samplers (and for churn, through a
 stand-in for k-diffusion's torch.randn_like, as A1111 does), k-diffusion's BrownianTreeNoiseSampler
 seeded with the image seed for the SDE samplers. Bound: max |ours - k-diffusion| <= 1e-4 on the
-final latents (fp32). Install for these tests:
+final latents (fp32). Install for these tests (torchsde comes with this package; torchdiffeq, which
+only k-diffusion's log-likelihood uses, is stubbed when absent):
 
-    pip install torchsde torchdiffeq && pip install --no-deps k-diffusion==0.1.1.post1
+    pip install --no-deps k-diffusion==0.1.1.post1
 
 LCM is compared with diffusers' LCMScheduler (4 steps, original 50, the same noise).
 """
@@ -42,7 +43,7 @@ from sd_cli.sampling.samplers import SAMPLERS, get_sampler
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
               pytest.mark.filterwarnings("ignore:Should have (ta|tb):UserWarning")]
 
-KD_INSTALL = "pip install torchsde torchdiffeq && pip install --no-deps k-diffusion==0.1.1.post1"
+KD_INSTALL = "pip install --no-deps k-diffusion==0.1.1.post1"
 KSAMPLERS = [n for n, i in SAMPLERS.items() if i.schedule in schedule.SCHEDULERS]
 STOCHASTIC = [n for n in KSAMPLERS if SAMPLERS[n].noise != "none"]
 TOL = 1e-4

@@ -39,14 +39,14 @@ def test_files_names_and_metadata(tiny_files, tmp_path, capsys):
     assert names == ["00000.png", "00001.png", "00002.png", "00003.png"]
     assert sorted(p.name for p in out.iterdir()) == ["grid-0000.png", "samples"]
     assert [img["path"] for img in report["images"]] == [str(out / "samples" / n) for n in names]
-    assert [img["seed"] for img in report["images"]] == [7, 7, 8, 8]  # iteration n uses seed + n
+    assert [img["seed"] for img in report["images"]] == [7, 8, 9, 10]  # image m uses seed + m (A1111)
     assert report["grid"] == str(out / "grid-0000.png")
     text, meta = read_png_metadata(out / "samples" / "00002.png")
     parsed = parse_a1111_parameters(text)
     assert parsed["prompt"] == "a red circle, on blue"
     assert parsed["negative_prompt"] == "green"
-    assert text.splitlines()[-1].startswith("Steps: 3, Sampler: DDIM, CFG scale: 7.5, Seed: 8, Size: 64x64, Model hash: ")
-    assert meta["seed"] == 8 and meta["batch_index"] == 0 and meta["batch_size"] == 2
+    assert text.splitlines()[-1].startswith("Steps: 3, Sampler: DDIM, CFG scale: 7.5, Seed: 9, Size: 64x64, Model hash: ")
+    assert meta["seed"] == 9 and meta["batch_index"] == 0 and meta["batch_size"] == 2
     assert meta["prompt"] == "a red circle, on blue" and meta["sampler"] == "ddim" and meta["steps"] == 3
     assert meta["model_name"] == "tiny"
     # Grid: 2 rows of 2 cells of 64 px with 2 px padding (torchvision make_grid layout).
@@ -84,13 +84,14 @@ def test_from_file_partial_last_batch(tiny_files, tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert [i["prompt"] for i in report["images"]] == ["one", "two", "three", "four", "five"]
     assert [i["batch_size"] for i in report["images"]] == [2, 2, 2, 2, 1]
-    assert [i["seed"] for i in report["images"]] == [42, 42, 43, 43, 44]  # batch k uses seed + k
+    assert [i["seed"] for i in report["images"]] == [42, 43, 44, 45, 46]  # image m uses seed + m
     assert len(list((tmp_path / "out/samples").iterdir())) == 5
 
 
 def test_seed_of_second_iteration_reproduces_alone(tiny_files, tmp_path):
     assert run_cli(tiny_files, tmp_path / "a", "--n_iter", "2", "--seed", "5", "--skip_grid") == 0
-    assert run_cli(tiny_files, tmp_path / "b", "--n_iter", "1", "--seed", "6", "--skip_grid") == 0
+    # image m of a run has seed + m: the second iteration's first image (m = 2) is seed 7
+    assert run_cli(tiny_files, tmp_path / "b", "--n_iter", "1", "--seed", "7", "--skip_grid") == 0
     assert (tmp_path / "a/samples/00002.png").read_bytes() != (tmp_path / "b/samples/00000.png").read_bytes()  # metadata differs (iteration)
     assert np.array_equal(pixels(tmp_path / "a/samples/00002.png"), pixels(tmp_path / "b/samples/00000.png"))
 
@@ -147,7 +148,7 @@ def test_watermark_is_embedded_unless_disabled(tiny_files, tmp_path):
         (["--C", "3"], 2, "latent channels"),
         (["--plms", "--ddim_eta", "0.5"], 2, "--plms needs --ddim_eta 0"),
         (["--plms", "--sampler", "ddim"], 2, "conflicting samplers"),
-        (["--sampler", "nope"], 2, "invalid choice"),
+        (["--sampler", "nope"], 2, "unknown sampler"),
         (["--bogus"], 2, "unrecognized arguments"),
     ],
 )
@@ -221,6 +222,6 @@ def test_python_m_and_console_entry_behave_the_same(tiny_files, tmp_path):
     assert r.returncode == 1
     assert r.stderr.startswith("sd-txt2img: error: no checkpoint at")
     r = subprocess.run([sys.executable, "-m", "sd_cli", "--help"], capture_output=True, text=True, cwd=REPO)
-    assert r.returncode == 0 and "--plms" in r.stdout and "dpmpp_2m" in r.stdout and "seed + n" in r.stdout
+    assert r.returncode == 0 and "--plms" in r.stdout and "dpmpp_2m" in r.stdout and "seed + m" in r.stdout
     r = subprocess.run([sys.executable, "-m", "sd_cli", "--H", "7"], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 2 and "Traceback" not in r.stderr

@@ -20,6 +20,7 @@ from micro_model import micro_argv
 from PIL import Image, PngImagePlugin
 
 from sd_cli.cli import main
+from sd_cli.output.png import read_png_metadata
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -337,3 +338,50 @@ def test_warnings_print_above_a_progress_bar(monkeypatch, capsys):
     monkeypatch.setattr(tqdm.tqdm, "write", classmethod(lambda cls, s, file=None, **k: written.append(s)))
     Log().warn("the VAE decode was redone in float32")
     assert written == ["warning: the VAE decode was redone in float32"] and capsys.readouterr().err == ""
+
+
+# --- issue 14 part 4: per-image seeds (A1111's rule), old images replay with the batch rule -----------
+
+
+def test_each_image_has_its_own_seed_and_can_be_made_alone(micro, tmp_path, capsys):
+    import torch
+
+    out = tmp_path / "out"
+    assert main([*micro_argv(micro, out, "--n_samples", "3", "--n_iter", "2")]) == 0
+    metas = [read_png_metadata(out / "samples" / f"{i:05}.png")[1] for i in range(6)]
+    assert [m["seed"] for m in metas] == [42 + i for i in range(6)] and {m["seed_rule"] for m in metas} == {"image"}
+    alone = tmp_path / "alone"
+    assert main([*micro_argv(micro, alone, "--seed", "46")]) == 0
+    with Image.open(out / "samples" / "00004.png") as a, Image.open(alone / "samples" / "00000.png") as b:
+        assert np.abs(np.asarray(a).astype(int) - np.asarray(b).astype(int)).max() <= 1  # batch numerics aside
+    # A batch of one: the start noise is torch.randn((1, 4, h, w), generator=Generator("cpu").manual_seed(S)).
+    from sd_cli.run.api import StableDiffusion
+    from sd_cli.run.settings import Generation
+
+    sd = StableDiffusion.load(micro["safetensors"], config=str(micro["config"]), threads=1)
+    seen = []
+    real = sd.pipeline().generate
+    sd.pipeline().generate = lambda prompts, noise, **kw: seen.append(noise.clone()) or real(prompts, noise, **kw)
+    gen = Generation.create(["x"], sampler="ddim", steps=2, height=64, width=64, seed=9)
+    sd.render(gen, sd.plan(gen)[0])
+    assert torch.equal(seen[0], torch.randn((1, 4, 8, 8), generator=torch.Generator("cpu").manual_seed(9)))
+    capsys.readouterr()
+
+
+def test_an_image_made_with_the_batch_seed_rule_still_replays(micro, tmp_path, capsys):
+    """Images from before the per-image rule have no seed_rule: their batch shared seed + k and one
+    generator. Made here with that rule (as the old code did) and stripped of the field, they replay."""
+    from sd_cli.output.a1111 import a1111_text
+    from sd_cli.run.api import StableDiffusion
+    from sd_cli.run.settings import Generation
+
+    sd = StableDiffusion.load(micro["safetensors"], config=str(micro["config"]), threads=1)
+    gen = Generation.create(["a cube"], sampler="euler_a", steps=3, height=64, width=64, seed=5, n_samples=2,
+                            seed_rule="batch", watermark=False)
+    item = sd.plan(gen)[0]
+    pixels = sd.render(gen, item)[1]
+    meta = {k: v for k, v in item.metas[1].items() if k != "seed_rule"}
+    old = _resave_pixels(pixels, tmp_path / "old.png", a1111_text(meta, "karras"), meta)
+    assert main(["--replay", str(old), "--ckpt", str(micro["safetensors"]), "--config", str(micro["config"]),
+                 "-q"]) == 0
+    assert capsys.readouterr().out.startswith("identical")

@@ -51,7 +51,7 @@ OTHER = {"prompt": "a dog", "negative_prompt": "blurry", "seed": 43, "batch_inde
          "n_samples": 3, "steps": 21, "sampler": "plms", "scale": 7.0, "eta": 0.5, "width": 72, "height": 56,
          "model_hash": "abcdefabcd", "dtype": "float16", "vae_decode": "tiles", "watermark": True,
          "prompt_syntax": "a1111", "clip_skip": 2, "embeddings": {"style": "0123456789ab"}, "scheduler": "exponential",
-         "s_noise": 0.9}  # (the last five: absent in META, which means their defaults)
+         "s_noise": 0.9, "seed_rule": "image"}  # (the last five: absent in META, which means their defaults)
 
 
 def _png(directory: Path, meta: dict, value: int = 0) -> Path:
@@ -191,7 +191,7 @@ def test_replay_is_identical_and_writes_nothing_by_default(micro, made, tmp_path
     assert meta["batch_size"] == 1 and meta["n_samples"] == 2
     assert main(replay_argv(micro, samples / "00002.png", "--outdir", "again")) == 0
     out = capsys.readouterr().out
-    assert out.startswith(f"identical: {samples / '00002.png'} regenerated pixel for pixel (512x512, seed 12")
+    assert out.startswith(f"identical: {samples / '00002.png'} regenerated pixel for pixel (512x512, seed 13")
     assert "the PNG file is byte-identical too" in out and "written to again/samples/00000.png" in out
     assert np.array_equal(pixels(tmp_path / "again/samples/00000.png"), pixels(samples / "00002.png"))
     assert read_png_metadata(tmp_path / "again/samples/00000.png")[1]["replay_of"] == str(samples / "00002.png")

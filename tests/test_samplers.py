@@ -324,7 +324,7 @@ def test_plms_single_step_reuses_its_own_timestep():
 # --- the model-call contract ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", list(SAMPLERS))
+@pytest.mark.parametrize("name", ["ddim", "plms", "dpmpp_2m", "euler_a"])  # the others: test_samplers_kdiffusion.py
 @pytest.mark.parametrize("steps", [1, 3, 7, 30])
 def test_calls_and_callback(name, steps):
     info = SAMPLERS[name]
@@ -370,7 +370,7 @@ def test_calls_counts():
 
 
 def test_registry_contents():
-    assert list(SAMPLERS) == ["ddim", "plms", "dpmpp_2m", "euler_a"]
+    assert list(SAMPLERS)[:4] == ["ddim", "plms", "dpmpp_2m", "euler_a"]  # issue 16 added more after them
     expect = {
         "ddim": ("DDIM", "uniform", True, 0.0),
         "plms": ("PLMS", "uniform", False, 0.0),

@@ -134,11 +134,11 @@ def _sampling(p: argparse.ArgumentParser, names: list[str], sampler_lines: str) 
     g.add_argument("--scale", type=float, default=None,
                    help="classifier-free guidance scale; 1 turns guidance off (default: 7.5; 3 with the demo model)")
     g.add_argument("--seed", type=int, default=42,
-                   help="seed of the start noise (default: %(default)s). Batch k of a run (k = iteration x "
-                        "batches per iteration + batch number) uses seed + k, so with one --prompt iteration n "
-                        "uses seed + n; every image's seed is written into its PNG")
+                   help="seed of the first image (default: %(default)s). As in A1111, image m of the run (all "
+                        "batches and iterations, in order) has seed + m and its own noise, so any image can be "
+                        "made again alone with --seed S --n_samples 1; its seed is written into its PNG")
     g.add_argument("--fixed_code", "--fixed-code", action="store_true",
-                   help="reuse the first batch's start noise for every batch and iteration")
+                   help="give every batch and iteration the first batch's seeds, so the same start noise")
 
 
 def _size_and_count(p: argparse.ArgumentParser) -> None:

@@ -151,6 +151,7 @@ class StableDiffusion:
             "threads": self.threads,  # CPU results depend on it (in the last bit); --replay uses the same number
             "fixed_code": gen.fixed_code,
             **_sampling_fields(gen),
+            "seed_rule": gen.seed_rule,
             "prompt_syntax": gen.prompt_syntax,
             "clip_skip": gen.clip_skip,
             "sd_cli_version": __version__,
@@ -180,10 +181,16 @@ class StableDiffusion:
         from sd_cli.output.watermark import apply_watermark
         from sd_cli.pipeline.generate import initial_noise
 
-        generator = torch.Generator("cpu").manual_seed(item.seed)
-        noise = initial_noise(generator, gen.n_samples, gen.latent_channels, gen.height, gen.width, gen.factor)
+        if item.seeds:  # seed rule "image": one generator per image, its noise drawn from it alone
+            generator = [torch.Generator("cpu").manual_seed(s) for s in item.seeds]
+            noise = torch.cat([initial_noise(g, 1, gen.latent_channels, gen.height, gen.width, gen.factor)
+                               for g in generator])
+        else:  # seed rule "batch": the batch's n_samples rows of noise, a smaller batch takes the first
+            generator = torch.Generator("cpu").manual_seed(item.seed)
+            noise = initial_noise(generator, gen.n_samples, gen.latent_channels, gen.height, gen.width,
+                                  gen.factor)[: len(item.prompts)]
         images = self.pipeline().generate(
-            list(item.prompts), noise[: len(item.prompts)], negative_prompt=gen.negative_prompt,
+            list(item.prompts), noise, negative_prompt=gen.negative_prompt,
             sampler=gen.sampler, steps=gen.steps, scale=gen.scale, eta=gen.eta, generator=generator,
             callback=on_step, prompt_syntax=gen.prompt_syntax, clip_skip=gen.clip_skip,
             scheduler=gen.scheduler, s_noise=gen.s_noise,

@@ -238,18 +238,27 @@ def _regenerate(sd, rec: Recorded, meta: dict, path: Path, quiet: bool):
 
     m = sd.config.model
     syntax, clip_skip, s_noise = meta.get("prompt_syntax", "plain"), meta.get("clip_skip", 1), meta.get("s_noise", 1.0)
-    if not isinstance(syntax, str) or type(clip_skip) is not int or type(s_noise) not in (int, float):
-        raise ReplayError(f"{path}: its sd_cli metadata has a malformed prompt_syntax, clip_skip or s_noise")
+    rule = meta.get("seed_rule", "batch")  # images before the field: one generator per batch
+    if not isinstance(syntax, str) or type(clip_skip) is not int or type(s_noise) not in (int, float) \
+            or rule not in ("image", "batch"):
+        raise ReplayError(f"{path}: its sd_cli metadata has a malformed prompt_syntax, clip_skip, s_noise or "
+                          "seed_rule")
+    first = rec.seed - rec.batch_index if rule == "image" else rec.seed  # the batch's seeds count up
+    if first < 0:
+        raise ReplayError(f"{path}: its sd_cli metadata cannot be replayed: seed {rec.seed} at batch position "
+                          f"{rec.batch_index}")
     try:
         gen = Generation((rec.prompt,), negative_prompt=rec.negative_prompt, sampler=rec.sampler, steps=rec.steps,
-                         scale=rec.scale, eta=rec.eta, seed=rec.seed, height=rec.height, width=rec.width,
+                         scale=rec.scale, eta=rec.eta, seed=first, height=rec.height, width=rec.width,
                          latent_channels=m.latent_channels, factor=m.downscale, n_samples=rec.n_samples,
                          fixed_code=meta.get("fixed_code") is True, watermark=False,
                          prompt_syntax=syntax, clip_skip=clip_skip,  # absent: the text as it is, as made
-                         scheduler=_recorded_scheduler(meta, rec.sampler), s_noise=float(s_noise))
+                         scheduler=_recorded_scheduler(meta, rec.sampler), s_noise=float(s_noise),
+                         seed_rule=rule)
     except UsageError as err:
         raise ReplayError(f"{path}: its sd_cli metadata cannot be replayed: {err}") from None
-    item = WorkItem(0, 0, (rec.prompt,) * rec.batch_size, rec.seed, ())
+    seeds = tuple(first + i for i in range(rec.batch_size)) if rule == "image" else ()
+    item = WorkItem(0, 0, (rec.prompt,) * rec.batch_size, first, (), seeds)
     bar = tqdm(total=rec.steps, desc=f"replaying {rec.sampler}", unit="step", leave=False, disable=quiet,
                file=sys.stderr)
     img = sd.render(gen, item, lambda i, tot, x: (setattr(bar, "total", tot), bar.update(1)))[rec.batch_index]

@@ -66,9 +66,10 @@ KEY_FIELDS = (
     "embeddings",
     "scheduler",
     "s_noise",
+    "seed_rule",
 )
 # Fields newer than some images: their value when a file does not have them (what made those images).
-KEY_DEFAULTS = {"prompt_syntax": "plain", "clip_skip": 1, "embeddings": {}, "scheduler": None, "s_noise": 1.0}
+KEY_DEFAULTS = {"prompt_syntax": "plain", "clip_skip": 1, "embeddings": {}, "scheduler": None, "s_noise": 1.0, "seed_rule": "batch"}
 _FLOAT_FIELDS = ("scale", "eta")
 _MAX_WARNINGS = 5
 

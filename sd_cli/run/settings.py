@@ -35,6 +35,7 @@ MAX_PIXELS = 4096 * 4096
 MAX_BATCH = 256  # largest batch (--n_samples); also what a recorded image may claim (replay)
 MAX_IMAGES = 1_000_000  # images in one run (--n_iter x prompts): a year of 512x512 images on a CPU
 VAE_TILING = ("auto", "on", "tiles", "off")
+SEED_RULES = ("image", "batch")
 
 
 def resolve_sampling(sampler: str | None, steps: int | None, ddim_steps: int | None = None,
@@ -110,6 +111,8 @@ class Generation:
     clip_skip: int = 1  # A1111's "Clip skip": stop the text encoder this many layers from its end
     scheduler: str | None = None  # the sigma list (karras, normal, ...); None: the sampler's default
     s_noise: float = 1.0  # A1111's sigma noise, where the sampler has it
+    seed_rule: str = "image"  # image: image m of the run has seed + m and its own generator (A1111);
+    #                           batch: batch k has seed + k, one generator (images before the field)
 
     def __post_init__(self) -> None:
         from sd_cli.sampling.samplers import get_sampler
@@ -133,6 +136,8 @@ class Generation:
             raise UsageError(f"--n_samples {self.n_samples}: at most {MAX_BATCH} images per batch; use --n_iter "
                              "for more")
         self._check_counts()
+        if self.seed_rule not in SEED_RULES:
+            raise UsageError(f"seed rule {self.seed_rule!r}: one of {', '.join(SEED_RULES)}")
         if self.prompt_syntax not in SYNTAXES:
             raise UsageError(f"--prompt-syntax {self.prompt_syntax}: choose one of {', '.join(SYNTAXES)}")
         if not 1 <= self.clip_skip <= 12:
@@ -160,15 +165,17 @@ class Generation:
         per_iter = -(-len(self.prompts) // self.n_samples) if self.from_file else 1
         batches = self.n_iter * per_iter
         images = self.n_iter * (len(self.prompts) if self.from_file else self.n_samples)
+        if self.seed_rule == "image":  # the last seed is that of the last image (of the first batch: fixed)
+            batches = self.n_samples if self.fixed_code else images
         if images > MAX_IMAGES:
             raise UsageError(f"--n_iter {self.n_iter}: {images} images in one run, more than {MAX_IMAGES:,}; "
                              "split the job into several runs")
         if not 0 <= self.seed < SEED_LIMIT:
             raise UsageError(f"--seed {self.seed}: must be between 0 and 2**63-1")
-        last = self.seed + (0 if self.fixed_code else batches - 1)
+        last = self.seed + (0 if self.fixed_code and self.seed_rule == "batch" else batches - 1)
         if last >= SEED_LIMIT:
-            raise UsageError(f"--seed {self.seed}: the last of the {batches} batches would get seed {last}, past "
-                             "2**63-1 (batch k uses seed + k); pick a smaller --seed")
+            raise UsageError(f"--seed {self.seed}: the last image would get seed {last}, past 2**63-1 (each image "
+                             "gets its own seed, counting up); pick a smaller --seed")
 
     @classmethod
     def create(cls, prompts: list[str] | tuple[str, ...], *, demo: bool = False, sampler: str | None = None,

@@ -1,8 +1,11 @@
 """The work plan: which batches a run makes, in which order, with which seed and metadata.
 
 One place builds the work items for the CLI, torchrun, --resume and the Python API. Item j is one batch
-of the one-process loop: iteration n, batch b, j = n * (batches per iteration) + b. Its seed is seed + j
-(the seed itself with --fixed_code), so every executor computes the same noise for an item. A --from-file
+of the one-process loop: iteration n, batch b, j = n * (batches per iteration) + b. Seeds (seed rule
+"image", A1111's): image m of the run gets seed + m, its own generator and noise, so any image can be made
+again alone with --seed S --n_samples 1; --fixed_code gives every batch the first batch's seeds. Rule
+"batch" (images before it): batch j gets seed + j, one generator for the batch (seed with --fixed_code).
+Every executor computes the same noise for an item. A --from-file
 run batches its prompts n_samples at a time (the last batch may be smaller); a single prompt fills a
 batch of n_samples. Items are built when asked for (`WorkPlan[j]`), never all at once.
 """
@@ -22,8 +25,9 @@ class WorkItem:
     index: int  # j: position in the one-process order
     iteration: int
     prompts: tuple[str, ...]
-    seed: int
+    seed: int  # the batch's seed (seed rule "batch"), or its first image's
     metas: tuple[dict, ...]
+    seeds: tuple[int, ...] = ()  # seed rule "image": each image's own seed
 
 
 def batches(gen: Generation) -> list[tuple[str, ...]]:
@@ -63,12 +67,21 @@ class WorkPlan(Sequence):
         gen = self.gen
         n, b = divmod(j, len(self.batches))
         prompts = self.batches[b]
-        seed = gen.seed + (0 if gen.fixed_code else j)
-        metas = tuple({**self.base, "prompt": prompt, "seed": seed, "batch_size": len(prompts), "batch_index": i,
+        if gen.seed_rule == "image":
+            first = gen.seed + (0 if gen.fixed_code else self._images_before(n, b))
+            seeds = tuple(first + i for i in range(len(prompts)))
+        else:
+            seeds = (gen.seed + (0 if gen.fixed_code else j),) * len(prompts)
+        metas = tuple({**self.base, "prompt": prompt, "seed": seeds[i], "batch_size": len(prompts), "batch_index": i,
                        "n_samples": gen.n_samples, "iteration": n, "watermark": gen.watermarked,
                        **self._describe(prompt)}
                       for i, prompt in enumerate(prompts))
-        return WorkItem(j, n, prompts, seed, metas)
+        return WorkItem(j, n, prompts, seeds[0], metas, seeds if gen.seed_rule == "image" else ())
+
+    def _images_before(self, n: int, b: int) -> int:
+        """Images of the run before batch b of iteration n (A1111 counts seeds over the whole run)."""
+        per_iter = sum(len(batch) for batch in self.batches)
+        return n * per_iter + sum(len(batch) for batch in self.batches[:b])
 
 
 def grid_metadata(gen: Generation, base: dict, watermarked: bool) -> dict:

@@ -63,9 +63,15 @@ def check_alphas(alphas_cumprod: Tensor) -> Tensor:
     return ac
 
 
-def noise_like(x: Tensor, generator: Optional[torch.Generator]) -> Tensor:
-    """Standard-normal noise shaped like x: drawn on CPU in float32, then moved to x."""
-    z = torch.randn(x.shape, generator=generator, dtype=torch.float32)
+def noise_like(x: Tensor, generator) -> Tensor:
+    """Standard-normal noise shaped like x: drawn on CPU in float32, then moved to x. `generator` is one
+    torch.Generator for the batch, or a list of one per image (row i from generator i, as A1111 draws)."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != x.shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {x.shape[0]}")
+        z = torch.cat([torch.randn((1, *x.shape[1:]), generator=g, dtype=torch.float32) for g in generator])
+    else:
+        z = torch.randn(x.shape, generator=generator, dtype=torch.float32)
     return z.to(x.device, x.dtype)
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -27,9 +26,12 @@ from torch import Tensor
 from sd_cli.errors import SdCliError
 
 
-def seed_of(generator: Optional[torch.Generator]) -> int:
-    """The seed the Brownian tree uses: the generator's initial seed (what the image was seeded with);
-    without a generator a random one from torch's global generator, as k-diffusion does."""
+def seed_of(generator):
+    """The seed the Brownian tree uses: the generator's initial seed (what the image was seeded with), a
+    list of them for a list of per-image generators; without a generator a random one from torch's global
+    generator, as k-diffusion does."""
+    if isinstance(generator, (list, tuple)):
+        return [int(g.initial_seed()) for g in generator]
     if generator is not None:
         return int(generator.initial_seed())
     return int(torch.randint(0, 2**63 - 1, ()).item())
@@ -52,8 +54,12 @@ class BrownianNoise:
         if not 0.0 < self.lo < self.hi:
             raise ValueError(f"need 0 < sigma_min < sigma_max, got {self.lo}, {self.hi}")
         self.shape, self.device, self.dtype = x.shape, x.device, x.dtype
-        w0 = torch.zeros(x.shape, dtype=torch.float32)  # CPU float32 whatever x is
-        self.tree = torchsde.BrownianTree(self.lo, w0, self.hi, entropy=int(seed))
+        if isinstance(seed, (list, tuple)):  # one tree per image, each seeded with its own seed (A1111)
+            w0 = torch.zeros((1, *x.shape[1:]), dtype=torch.float32)
+            self.trees = [torchsde.BrownianTree(self.lo, w0, self.hi, entropy=int(s)) for s in seed]
+        else:
+            w0 = torch.zeros(x.shape, dtype=torch.float32)  # CPU float32 whatever x is
+            self.trees = [torchsde.BrownianTree(self.lo, w0, self.hi, entropy=int(seed))]
 
     @classmethod
     def for_sigmas(cls, x: Tensor, sigmas: list[float], seed: int) -> "BrownianNoise":
@@ -69,6 +75,6 @@ class BrownianNoise:
             # warning each time: sigma_min = 0.0291675 lies below the rounded 0.029168. k-diffusion
             # (A1111, ComfyUI) hits the same clamp; the numbers are the reference's, the warning is noise.
             warnings.filterwarnings("ignore", message="Should have (ta|tb)", category=UserWarning)
-            w = self.tree(lo, hi)  # W(hi) - W(lo), CPU float32
+            w = torch.cat([tree(lo, hi) for tree in self.trees])  # W(hi) - W(lo), CPU float32
         w = w * sign / math.sqrt(abs(b - a))  # (W(sigma_next) - W(sigma)) / sqrt|...|
         return w.to(self.device, self.dtype)

@@ -25,6 +25,14 @@ def test_reads_a1111s_infotext_and_names_what_it_does_not_use():
     assert unused == ["Denoising strength", "Hires upscale"]
 
 
+def test_a1111_schedule_type_labels():
+    euler = "x\nSteps: 20, Sampler: Euler a, Schedule type: {}, CFG scale: 7, Seed: 1, Size: 64x64"
+    assert settings_from_infotext(euler.format("Automatic"))[0]["sampler"] == "euler_ancestral"
+    assert "scheduler" not in settings_from_infotext(euler.format("Automatic"))[0]  # the sampler's default
+    assert settings_from_infotext(euler.format("Uniform"))[0]["scheduler"] == "normal"
+    assert settings_from_infotext(euler.format("Exponential"))[0]["scheduler"] == "exponential"
+
+
 def test_round_trip_regenerates_the_same_file(micro, tmp_path, capsys):
     first = tmp_path / "a"
     assert main([*micro_argv(micro, first, "--prompt", "a (red) cube, BREAK a ball", "--seed", "77",

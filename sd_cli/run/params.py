@@ -48,8 +48,12 @@ def _sampler(label: str, schedule: str | None) -> str | None:
 
 
 def _scheduler(label: str | None) -> str | None:
+    """Our scheduler for A1111's "Schedule type" label; "Automatic" is the sampler's default (None), and
+    A1111's "Uniform" is the model's own sigmas, our "normal"."""
     from sd_cli.sampling.schedule import SCHEDULER_LABELS
 
+    if label == "Uniform":
+        return "normal"
     return next((name for name, text in SCHEDULER_LABELS.items() if text == label), None)
 
 

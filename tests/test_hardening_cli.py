@@ -385,3 +385,22 @@ def test_an_image_made_with_the_batch_seed_rule_still_replays(micro, tmp_path, c
     assert main(["--replay", str(old), "--ckpt", str(micro["safetensors"]), "--config", str(micro["config"]),
                  "-q"]) == 0
     assert capsys.readouterr().out.startswith("identical")
+
+
+def test_a_1mb_prompt_line_is_refused_after_a_bounded_look(tmp_path):
+    """Item 8 with the prompt language: prompts may be long (chunks of 75) but at most 7500 tokens; the
+    tokenizer stops counting just past that, so a 1 MB line is refused in a fraction of a second (0.22 s
+    measured on this project's 2-core machine; the bound here is loose on purpose)."""
+    import string
+
+    from sd_cli.errors import UsageError
+    from sd_cli.run.settings import Generation
+
+    rng = random.Random(8)
+    for line in ("".join(rng.choice(string.ascii_lowercase) for _ in range(1 << 20)),
+                 " ".join("".join(rng.choice(string.ascii_lowercase) for _ in range(7)) for _ in range(1 << 17))):
+        t0 = time.perf_counter()
+        with pytest.raises(UsageError, match="more than 7500 tokens"):
+            Generation.create([line])
+        assert time.perf_counter() - t0 < 10
+    assert Generation.create([", ".join(["cat"] * 300)]).prompts  # a long real prompt (600 tokens) is fine

@@ -81,6 +81,7 @@ END_OF_WORD = "</w>"
 N_MERGES = VOCAB_SIZE - 2 * 256 - 2  # 48894
 DATA_FILE = "clip_bpe_merges.txt"
 MAX_WORD_CHARS = 1000  # longer pre-tokens are cut into pieces of this many characters (module docstring)
+MAX_COUNTED_TOKENS = 7500  # plain prompts: tokens counted for the 'N tokens, M dropped' warning, at most
 _HEAP_FROM = 32  # byte symbols from which the heap merge is faster than the rescan
 _NOT_LAST = "\x00"  # cache-key suffix of a piece that does not end its word (never a byte symbol)
 
@@ -266,8 +267,9 @@ class CLIPTokenizer:
 
     # -- public
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of one prompt: no BOS/EOS, no truncation."""
+    def encode(self, text: str, limit: int | None = None) -> list[int]:
+        """Token ids of one prompt: no BOS/EOS, no truncation. With `limit`, the work stops once more than
+        `limit` ids exist (the result then has more than `limit`, not all of them)."""
         if not isinstance(text, str):
             raise TypeError(f"prompt must be str, not {type(text).__name__}")
         text = clean_text(text, self._fix_text)
@@ -278,6 +280,8 @@ class CLIPTokenizer:
                 piece = word[start : start + MAX_WORD_CHARS]
                 symbols = piece.encode("utf-8").decode("latin-1").translate(table)
                 ids.extend(self._bpe(symbols, last=start + MAX_WORD_CHARS >= len(word)))
+                if limit is not None and len(ids) > limit:
+                    return ids
         return ids
 
     def __call__(self, texts: Sequence[str] | str) -> TokenizedBatch:
@@ -288,7 +292,7 @@ class CLIPTokenizer:
         n_tokens: list[int] = []
         n_dropped: list[int] = []
         for text in texts:
-            ids = self.encode(text)
+            ids = self.encode(text, limit=MAX_COUNTED_TOKENS)
             kept = ids[:MAX_PROMPT_TOKENS]
             row = [BOS, *kept, EOS]
             row += [EOS] * (CONTEXT_LENGTH - len(row))

@@ -33,6 +33,7 @@ DEFAULT_SEED = 42
 SEED_LIMIT = 2**63  # seeds are 0 .. 2**63 - 1 (torch.Generator.manual_seed takes any int64)
 MAX_PIXELS = 4096 * 4096
 MAX_BATCH = 256  # largest batch (--n_samples); also what a recorded image may claim (replay)
+MAX_PROMPT_TOKENS = 7500  # 100 chunks of 75: far past any real prompt; bounds the tokenizer's work
 MAX_IMAGES = 1_000_000  # images in one run (--n_iter x prompts): a year of 512x512 images on a CPU
 VAE_TILING = ("auto", "on", "tiles", "off")
 SEED_RULES = ("image", "batch")
@@ -80,6 +81,15 @@ def _encodable(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def _check_length(text: str) -> None:
+    """At most MAX_PROMPT_TOKENS tokens; the tokenizer stops counting just past that (a 1 MB line costs
+    a fraction of a second, not minutes)."""
+    from sd_cli.model.tokenizer import get_tokenizer
+
+    if len(text) > MAX_PROMPT_TOKENS and len(get_tokenizer().encode(text, limit=MAX_PROMPT_TOKENS)) > MAX_PROMPT_TOKENS:
+        raise UsageError(f"the prompt is more than {MAX_PROMPT_TOKENS} tokens (100 chunks of 75); shorten it")
 
 
 def _check_text(flag: str, text: str) -> None:
@@ -145,6 +155,7 @@ class Generation:
         if self.prompt_syntax == "a1111":
             for text in (*self.prompts, self.negative_prompt):
                 check_a1111(text)
+                _check_length(text)
         if not math.isfinite(self.scale):
             raise UsageError(f"--scale {self.scale}: must be a finite number")
         info = get_sampler(self.sampler)

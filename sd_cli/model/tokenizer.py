@@ -81,7 +81,6 @@ END_OF_WORD = "</w>"
 N_MERGES = VOCAB_SIZE - 2 * 256 - 2  # 48894
 DATA_FILE = "clip_bpe_merges.txt"
 MAX_WORD_CHARS = 1000  # longer pre-tokens are cut into pieces of this many characters (module docstring)
-MAX_COUNTED_TOKENS = 7500  # plain prompts: tokens counted for the 'N tokens, M dropped' warning, at most
 _HEAP_FROM = 32  # byte symbols from which the heap merge is faster than the rescan
 _NOT_LAST = "\x00"  # cache-key suffix of a piece that does not end its word (never a byte symbol)
 
@@ -292,7 +291,7 @@ class CLIPTokenizer:
         n_tokens: list[int] = []
         n_dropped: list[int] = []
         for text in texts:
-            ids = self.encode(text, limit=MAX_COUNTED_TOKENS)
+            ids = self.encode(text)
             kept = ids[:MAX_PROMPT_TOKENS]
             row = [BOS, *kept, EOS]
             row += [EOS] * (CONTEXT_LENGTH - len(row))

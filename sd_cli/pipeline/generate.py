@@ -13,7 +13,6 @@ import numpy as np
 import torch
 
 from sd_cli.errors import SdCliError
-from sd_cli.model.tokenizer import MAX_COUNTED_TOKENS
 from sd_cli.pipeline.conditioning import chunk_prompt, encode_chunked
 from sd_cli.pipeline.guidance import guided_eps_model
 from sd_cli.output.pixels import to_uint8
@@ -65,9 +64,7 @@ class Pipeline:
         for text, dropped, n in zip(texts, tok.n_dropped, tok.n_tokens):
             if dropped:
                 short = text if len(text) <= 40 else text[:37] + "..."
-                many = f"more than {MAX_COUNTED_TOKENS}" if n > MAX_COUNTED_TOKENS else str(n)
-                rest = "the rest were dropped" if n > MAX_COUNTED_TOKENS else f"the last {dropped} were dropped"
-                self.on_warning(f"{what} {short!r} is {many} tokens; CLIP reads 75, so {rest}")
+                self.on_warning(f"{what} {short!r} is {n} tokens; CLIP reads 75, so the last {dropped} were dropped")
         return self._text(tok.ids.to(self.device), clip_skip)  # (B, 77, 768)
 
     def _text(self, ids: torch.Tensor, clip_skip: int = 1, fixes=None) -> torch.Tensor:

@@ -49,10 +49,14 @@ def given_options(argv: list[str] | None) -> dict[str, str]:
     return {dest: flags.get(dest, dest) for dest in vars(given)}
 
 
-def _check_combinations(args: argparse.Namespace) -> None:
-    """Flags that would otherwise be silently ignored, and an empty --outdir."""
+def _check_outdir(args: argparse.Namespace) -> None:
     if args.outdir == "":
         raise UsageError('--outdir "": give a folder (. for the current one)')
+
+
+def _check_combinations(args: argparse.Namespace) -> None:
+    """Flags that would otherwise be silently ignored, and an empty --outdir."""
+    _check_outdir(args)
     if args.force and not args.replay:
         raise UsageError("--force only applies to --replay")
     if args.strict_params and args.params is None:
@@ -121,8 +125,7 @@ def replay_settings(args: argparse.Namespace, argv: list[str] | None):
     from sd_cli.run.replay import ReplayRequest
     from sd_cli.run.settings import Runtime, choose_model
 
-    if args.outdir == "":
-        raise UsageError('--outdir "": give a folder (. for the current one)')
+    _check_outdir(args)
     given = given_options(argv)
     bad = sorted(flag for dest, flag in given.items() if dest in GENERATION_DESTS)
     if bad:
@@ -187,7 +190,7 @@ def _main(argv: list[str] | None) -> int:
     except SystemExit as done:  # --help, --version, or a usage error already printed by argparse
         raw = sys.argv[1:] if argv is None else argv
         if parser.last_error is not None and "--json" in raw:  # the same JSON as every other usage error
-            _fail_quietly(lambda state, m, c, as_json: _json_usage(m, c), None, parser.last_error, 2, True)
+            _json_usage(parser.last_error)
         return int(done.code or 0)
     logging.basicConfig(
         level=logging.DEBUG if args.debug else (logging.ERROR if args.quiet else logging.WARNING),
@@ -240,11 +243,14 @@ def _failed(err: BaseException, args: argparse.Namespace, state) -> int:
                          "traceback)", 1, as_json)
 
 
-def _json_usage(message: str, code: int) -> int:
+def _json_usage(message: str) -> None:
+    """The --json report of an argparse usage error (its line is already on stderr)."""
     from sd_cli.run.report import print_json
 
-    print_json({"ok": False, "error": message, "images": [], "grid": None})
-    return code
+    try:
+        print_json({"ok": False, "error": message, "images": [], "grid": None})
+    except StdoutError:
+        pass  # stdout cannot take it either: the line on stderr is out
 
 
 def _fail_quietly(fail, state, message: str, code: int, as_json: bool) -> int:

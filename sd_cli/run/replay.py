@@ -346,12 +346,11 @@ def check_metadata(sd, gen, rec: Recorded, meta: dict, text: str | None, marked:
     included), and whether the A1111 text is the one they write. Only fields the file has are compared,
     so files from before a field existed still replay."""
     from sd_cli.output.a1111 import a1111_text
+    from sd_cli.run.work import image_metadata
     from sd_cli.sampling.samplers import get_sampler
 
-    expected = {**sd.base_metadata(gen), "prompt": rec.prompt, "seed": rec.seed, "batch_size": rec.batch_size,
-                "batch_index": rec.batch_index, "n_samples": rec.n_samples, "iteration": meta.get("iteration", 0),
-                "watermark": marked}
-    expected.update(sd.describe(gen, rec.prompt))
+    expected = image_metadata(sd.base_metadata(gen), rec.prompt, rec.seed, rec.batch_size, rec.batch_index,
+                              rec.n_samples, meta.get("iteration", 0), marked, sd.describe(gen, rec.prompt))
     expected.update({k: meta[k] for k in ENVIRONMENT_FIELDS if k in meta})
     expected.update({k: meta[k] for k in _NOT_COMPARED if k in meta})
     differs = sorted(k for k in meta if k not in _NOT_COMPARED and (k not in expected or meta[k] != expected[k]))

@@ -19,6 +19,13 @@ from sd_cli.run.settings import Generation, Output
 from sd_cli.run.work import WorkItem, grid_metadata
 
 
+def prepare_folders(out: Output) -> None:
+    """Create the output folders (before anything heavy, so a bad --outdir costs nothing)."""
+    png.ensure_writable_dir(out.outdir)
+    if not out.skip_save:
+        png.ensure_writable_dir(out.sample_dir)
+
+
 class Sink:
     """Where the images of one run go."""
 
@@ -27,12 +34,6 @@ class Sink:
 
         self.out, self.gen, self.base, self.state = out, gen, base, state
         self.schedule = get_sampler(gen.sampler).schedule
-
-    def prepare(self) -> None:
-        """Create the output folders (before anything heavy, so a bad --outdir costs nothing)."""
-        png.ensure_writable_dir(self.out.outdir)
-        if not self.out.skip_save:
-            png.ensure_writable_dir(self.out.sample_dir)
 
     def save(self, item: WorkItem, i: int, img: np.ndarray, number: int = 0, exact: bool = False,
              record: Callable[[dict], None] | None = None) -> None:

@@ -15,7 +15,7 @@ from sd_cli.run.executors import run_local, run_torchrun
 from sd_cli.run.report import Log, RunState
 from sd_cli.run.resume import ResumePlan
 from sd_cli.run.settings import Generation, Output, Runtime
-from sd_cli.run.sink import Sink
+from sd_cli.run.sink import Sink, prepare_folders
 from sd_cli.run.work import WorkItem
 
 
@@ -26,7 +26,7 @@ def txt2img(gen: Generation, runtime: Runtime, out: Output, state: RunState) -> 
     log = Log(out.quiet)
     ddp = from_env()  # under torchrun: this process's rank; None when run as one process
     new = [d for d in (out.outdir, out.sample_dir) if not d.exists()]
-    Sink(out, gen, {}, state).prepare()
+    prepare_folders(out)
     try:
         _run(gen, runtime, out, state, ddp, log)
     except BaseException:

@@ -72,9 +72,8 @@ class WorkPlan(Sequence):
             seeds = tuple(first + i for i in range(len(prompts)))
         else:
             seeds = (gen.seed + (0 if gen.fixed_code else j),) * len(prompts)
-        metas = tuple({**self.base, "prompt": prompt, "seed": seeds[i], "batch_size": len(prompts), "batch_index": i,
-                       "n_samples": gen.n_samples, "iteration": n, "watermark": gen.watermarked,
-                       **self._describe(prompt)}
+        metas = tuple(image_metadata(self.base, prompt, seeds[i], len(prompts), i, gen.n_samples, n,
+                                     gen.watermarked, self._describe(prompt))
                       for i, prompt in enumerate(prompts))
         return WorkItem(j, n, prompts, seeds[0], metas, seeds if gen.seed_rule == "image" else ())
 
@@ -82,6 +81,14 @@ class WorkPlan(Sequence):
         """Images of the run before batch b of iteration n (A1111 counts seeds over the whole run)."""
         per_iter = sum(len(batch) for batch in self.batches)
         return n * per_iter + sum(len(batch) for batch in self.batches[:b])
+
+
+def image_metadata(base: dict, prompt: str, seed: int, batch_size: int, batch_index: int, n_samples: int,
+                   iteration: int, watermark: bool, prompt_fields: dict) -> dict:
+    """One image's sd_cli metadata: the run's shared fields, then the image's own (what its PNG records
+    and what --replay expects to find)."""
+    return {**base, "prompt": prompt, "seed": seed, "batch_size": batch_size, "batch_index": batch_index,
+            "n_samples": n_samples, "iteration": iteration, "watermark": watermark, **prompt_fields}
 
 
 def grid_metadata(gen: Generation, base: dict, watermarked: bool) -> dict:

@@ -26,7 +26,7 @@ GENERATION_DESTS = frozenset({
     "prompt", "negative_prompt", "from_file", "laion400m", "sampler", "plms", "dpm_solver", "ddim_steps", "steps",
     "ddim_eta", "scale", "seed", "fixed_code", "H", "W", "C", "f", "n_samples", "n_iter", "n_rows",
     "skip_grid", "skip_save", "no_watermark", "resume", "prompt_syntax", "clip_skip", "params", "strict_params",
-    "scheduler", "s_noise",
+    "scheduler", "s_noise", "lora",
 })
 # --params keyword -> the flags that, given on the command line, win over the infotext's value.
 PARAMS_FLAGS = {"prompt": ("prompt",), "negative_prompt": ("negative_prompt",), "steps": ("steps", "ddim_steps"),
@@ -73,6 +73,12 @@ def _embeddings(args: argparse.Namespace) -> Path | None:
     return Path(DEFAULT_EMBEDDINGS) if Path(DEFAULT_EMBEDDINGS).is_dir() else None
 
 
+def _add_ons(args: argparse.Namespace) -> dict:
+    """--vae and --lora-dir as Runtime fields."""
+    as_path = lambda p: Path(p).expanduser() if p is not None else None  # noqa: E731
+    return {"vae": as_path(args.vae), "lora_dir": as_path(args.lora_dir)}
+
+
 def _from_params(args: argparse.Namespace, given: dict, kwargs: dict) -> dict:
     """`kwargs` with the --params infotext's values for every setting the command line does not give."""
     from sd_cli.run.params import read_infotext, settings_from_infotext
@@ -102,7 +108,7 @@ def settings(args: argparse.Namespace, given: dict | None = None):
     _check_combinations(args)
     ckpt, config, demo = choose_model(args.ckpt, args.config)
     runtime = Runtime(ckpt, config, demo, args.device, args.dtype, args.precision, args.threads,
-                      args.vae_tiling or "auto", _embeddings(args))
+                      args.vae_tiling or "auto", _embeddings(args), **_add_ons(args))
     out = Output(Path(args.outdir), args.skip_grid, args.skip_save, args.n_rows, args.resume, args.json, args.quiet)
     kwargs = dict(
         prompt=args.prompt or DEFAULT_PROMPT, sampler=args.sampler, steps=args.steps, ddim_steps=args.ddim_steps,
@@ -110,7 +116,7 @@ def settings(args: argparse.Namespace, given: dict | None = None):
         width=args.W, negative_prompt=args.negative_prompt, seed=args.seed, fixed_code=args.fixed_code,
         latent_channels=args.C, factor=args.f, n_samples=args.n_samples, n_iter=args.n_iter,
         watermark=not args.no_watermark, prompt_syntax=args.prompt_syntax, clip_skip=args.clip_skip,
-        scheduler=args.scheduler, s_noise=args.s_noise,
+        scheduler=args.scheduler, s_noise=args.s_noise, loras=tuple(args.lora),
     )
     if args.params is not None:
         kwargs = _from_params(args, given or {}, kwargs)
@@ -132,7 +138,7 @@ def replay_settings(args: argparse.Namespace, argv: list[str] | None):
         raise UsageError(f"--replay takes prompt, seed and every setting from the image; drop {', '.join(bad)}")
     ckpt, config, demo = choose_model(args.ckpt, args.config)
     runtime = Runtime(ckpt, config, demo, args.device, args.dtype, args.precision, args.threads,
-                      embeddings=_embeddings(args))
+                      embeddings=_embeddings(args), **_add_ons(args))
     write_dir = Path(args.outdir) / "samples" if "outdir" in given else None
     return ReplayRequest(Path(args.replay), args.force, write_dir, args.vae_tiling, args.json, args.quiet), runtime
 

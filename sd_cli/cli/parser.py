@@ -81,6 +81,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _lora_flag(text: str):
+    """argparse type of --lora: PATH[:WEIGHT] (sd_cli.run.loras.parse_lora_flag)."""
+    from sd_cli.errors import UsageError
+    from sd_cli.run.loras import parse_lora_flag
+
+    try:
+        return parse_lora_flag(text)
+    except UsageError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def _what_to_draw(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("what to draw")
     g.add_argument("--prompt", default=None, help=f"the prompt to render (default: {DEFAULT_PROMPT!r})")
@@ -104,6 +115,14 @@ def _what_to_draw(p: argparse.ArgumentParser) -> None:
                    help=f"textual-inversion embeddings (A1111 .pt/.safetensors, diffusers learned_embeds): a file's "
                         f"name without extension is its trigger word in the prompt or negative prompt "
                         f"(default: {DEFAULT_EMBEDDINGS} when it exists)")
+    g.add_argument("--lora", action="append", type=_lora_flag, metavar="PATH[:WEIGHT]", default=[],
+                   help="merge a LoRA/LyCORIS file (kohya, LyCORIS LoHa/LoKr/LoCon/full, diffusers) into the model "
+                        "for every prompt, with WEIGHT (default 1; may be negative); repeat for several. In the "
+                        "prompt, <lora:NAME:WEIGHT> (or <lora:NAME:TE:UNET>) uses NAME.safetensors from --lora-dir "
+                        "for that prompt only (README 'LoRA and VAE files')")
+    g.add_argument("--lora-dir", "--lora_dir", dest="lora_dir", metavar="DIR", default=None,
+                   help="where <lora:NAME> finds its files, subfolders included (default: models/Lora when it "
+                        "exists)")
     g.add_argument("--clip-skip", "--clip_skip", dest="clip_skip", type=int, default=1,
                    help="A1111's 'Clip skip': use the text encoder's output N layers from its end, through its "
                         "final layer norm; 1 is SD's own (default: %(default)s; 2 for many anime fine-tunes)")
@@ -162,6 +181,9 @@ def _model_and_device(p: argparse.ArgumentParser) -> None:
                         "the demo model's own without weights)")
     g.add_argument("--ckpt", default=None, help=f"checkpoint .ckpt or .safetensors (default: {DEFAULT_CKPT}; when nothing is there, the "
                         "built-in demo model, 64x64 shapes)")
+    g.add_argument("--vae", metavar="PATH", default=None,
+                   help="use this VAE file instead of the checkpoint's (e.g. vae-ft-mse-840000-ema-pruned; "
+                        ".safetensors or .ckpt/.pt, bare or first_stage_model.* keys)")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
                    help="where to run; overrides the config's runtime.device (auto: CUDA when available)")
     g.add_argument("--precision", choices=("full", "autocast"), default=None,

@@ -165,10 +165,22 @@ def a1111_text(meta: dict, schedule: str) -> str:
         **{k: meta[k] for k in ("prompt", "negative_prompt", "steps", "sampler_label", "scale", "seed",
                                 "width", "height", "model_hash", "model_name")},
         "Schedule type": SCHEDULER_LABELS.get(meta.get("scheduler") or schedule),
+        "VAE hash": meta["vae"]["a1111_hash"] if meta.get("vae") else None,
+        "VAE": meta["vae"]["name"] if meta.get("vae") else None,
         "Clip skip": meta["clip_skip"] if meta.get("clip_skip", 1) > 1 else None,
+        "Lora hashes": lora_hashes(meta["loras"]) if meta.get("loras") else None,
         "TI hashes": ", ".join(f"{k}: {v}" for k, v in meta["embeddings"].items()) if meta.get("embeddings") else None,
         "Eta DDIM": meta["eta"] if meta["sampler"] == "ddim" and meta["eta"] else None,
         "Batch size": bs if bs > 1 else None,
         "Batch pos": meta.get("batch_index") if bs > 1 else None,
         "Version": f"sd_cli {__version__}",
     })
+
+
+def lora_hashes(loras: list[dict]) -> str:
+    """A1111's "Lora hashes" value, "name: hash, name: hash" (names without ':' or ',', which would break
+    the list; a LoRA listed twice is named once)."""
+    seen = {}
+    for r in loras:
+        seen.setdefault(str(r["name"]).replace(":", "").replace(",", ""), r["a1111_hash"])
+    return ", ".join(f"{name}: {h}" for name, h in seen.items())

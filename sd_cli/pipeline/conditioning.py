@@ -1,6 +1,7 @@
 """Prompt -> text-encoder context, as AUTOMATIC1111 computes it ("Original" emphasis), or plain.
 
 a1111 (the default for new images):
+0. `<lora:...>` tags are taken out of the text (`prompt_syntax.extra_networks`).
 1. `prompt_syntax.parse_attention` splits the prompt into (text, weight) pieces; each is tokenized alone.
 2. Tokens go into chunks of 75. When a chunk fills up and its last comma is at most 20 tokens from its
    end, the tokens after that comma move to the next chunk. BREAK ends a chunk early. Each chunk is
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sd_cli.model.tokenizer import BOS, EOS
-from sd_cli.pipeline.prompt_syntax import BREAK, parse_attention
+from sd_cli.pipeline.prompt_syntax import BREAK, extra_networks, parse_attention
 
 CHUNK = 75
 COMMA_BACKTRACK = 20
@@ -68,6 +69,7 @@ def _close(chunk: Chunk, chunks: list[Chunk]) -> None:
 def chunk_prompt(text: str, tokenizer, embeddings=None) -> Chunked:
     """A1111's chunking of one prompt (see the module docstring). `embeddings` (an EmbeddingSet): a trigger
     word's ids become its n vectors' places, in one chunk (a chunk without room for them is closed first)."""
+    text = extra_networks(text)[0]  # <lora:...> tags are not words (A1111 takes them out first)
     comma = tokenizer.encode(",")[0]
     chunks: list[Chunk] = []
     state = {"chunk": Chunk(), "count": 0, "last_comma": -1}

@@ -45,15 +45,33 @@ class Pipeline:
         on_warning: Callable[[str], None] | None = None,
         vae_tiling: str = "auto",
         embeddings=None,
+        ckpt=None,
     ):
+        """`ckpt`: the checkpoint file the model was loaded from (LoRA changes re-read its layers)."""
         self.model = model
         self.device = device
+        self.ckpt = ckpt
+        self._patcher = None
         self.tokenizer = get_tokenizer()
         self.embeddings = embeddings  # textual inversion (sd_cli.weights.embeddings.EmbeddingSet) or None
         self.on_warning = on_warning or (lambda msg: log.warning(msg))
         self._uncond_cache: dict[str, torch.Tensor] = {}
         # VAE decode: tiled above 512x512 (auto), redone in float32 if half precision gives NaN/inf.
         self.decoder = LatentDecoder(model, vae_tiling, self.on_warning)
+
+    def set_loras(self, uses) -> None:
+        """Merge exactly these LoRAs (sd_cli.weights.merge.LoraUse, in order) into the weights; only the
+        layers whose adapters change are rewritten (sd_cli.weights.merge.Patcher)."""
+        if not uses and self._patcher is None:
+            return
+        if self._patcher is None:
+            from sd_cli.weights.merge import Patcher
+
+            if self.ckpt is None:
+                raise SdCliError("LoRAs need the checkpoint file the model was loaded from")
+            self._patcher = Patcher(self.model, self.ckpt)
+        if self._patcher.apply(uses):
+            self._uncond_cache.clear()  # the text encoder may have changed
 
     def _encode(self, texts: list[str], what: str, syntax: str = "plain", clip_skip: int = 1) -> torch.Tensor:
         """Context (B, 77 k, 768) of `texts` (sd_cli.pipeline.conditioning)."""

@@ -15,7 +15,9 @@ behaviour):
 
 from __future__ import annotations
 
+import math
 import re
+from dataclasses import dataclass
 
 ROUND = 1.1
 SQUARE = 1 / 1.1
@@ -91,10 +93,16 @@ _AND = re.compile(r"\bAND\b")
 _SCHEDULE = re.compile(r"\[[^\[\]]*?(?::\s*[+-]?[\d.]+\s*\]|\|[^\[\]]*\])")
 
 
-def check_a1111(text: str) -> None:
+def check_a1111(text: str, negative: bool = False) -> None:
     """Refuse, with the reason, what A1111 reads but this tool does not compute (yet): `AND`
-    (composable diffusion) and the scheduling brackets `[from:to:when]`, `[to:when]`, `[a|b]`."""
+    (composable diffusion) and the scheduling brackets `[from:to:when]`, `[to:when]`, `[a|b]`; and
+    extra-network tags that are malformed, of another kind, or in the negative prompt (where A1111 would
+    read them as words)."""
     from sd_cli.errors import UsageError
+
+    text, tags = extra_networks(text)
+    if negative and tags:
+        raise UsageError(f"the negative prompt has {tags[0].text[:60]}: LoRA tags go in the prompt (or use --lora)")
 
     if _AND.search(text):
         raise UsageError("the prompt uses AND (A1111's composable diffusion), which sd-txt2img does not do; "
@@ -103,3 +111,66 @@ def check_a1111(text: str) -> None:
     if m:
         raise UsageError(f"the prompt uses A1111's prompt scheduling ({m.group(0)[:40]}), which sd-txt2img does "
                          "not do yet; remove it, or pass --prompt-syntax plain to keep the text as it is")
+
+
+# Extra networks: A1111's `<kind:arguments>` tags. They are taken out of the prompt before it is parsed
+# (the text around them stays, spaces and commas included); `<lora:NAME>`, `<lora:NAME:W>`,
+# `<lora:NAME:TE:UNET>` and the named forms `te=W`, `unet=W` choose a LoRA and its weights (UNET defaults
+# to TE, TE to 1). `lyco` is the older LyCORIS extension's name for the same thing.
+_NETWORK = re.compile(r"<(\w+):([^>]+)>")
+LORA_KINDS = ("lora", "lyco")
+
+
+@dataclass(frozen=True)
+class NetworkTag:
+    name: str
+    te: float
+    unet: float
+    text: str  # the tag as written
+
+
+def _number(tag: str, text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        from sd_cli.errors import UsageError
+
+        raise UsageError(f"{tag}: {text.strip()!r} is not a LoRA weight (a number such as 0.8)")
+    return value
+
+
+def _lora_tag(tag: str, args: str) -> NetworkTag:
+    from sd_cli.errors import UsageError
+
+    name, *rest = args.split(":")
+    positional, named = [], {}
+    for part in rest:
+        key, eq, value = part.partition("=")
+        if eq:
+            if key.strip() not in ("te", "unet"):
+                raise UsageError(f"{tag}: {key.strip()}= is not a LoRA setting this tool knows (te=, unet=)")
+            named[key.strip()] = _number(tag, value)
+        else:
+            positional.append(_number(tag, part))
+    if len(positional) > 2 or not name.strip():
+        raise UsageError(f"{tag}: write <lora:NAME>, <lora:NAME:WEIGHT> or <lora:NAME:TE_WEIGHT:UNET_WEIGHT>")
+    te = named.get("te", positional[0] if positional else 1.0)
+    unet = named.get("unet", positional[1] if len(positional) > 1 else te)
+    return NetworkTag(name.strip(), te, unet, tag)
+
+
+def extra_networks(text: str) -> tuple[str, tuple[NetworkTag, ...]]:
+    """The prompt without its `<kind:...>` tags, and its LoRA tags in order. Other kinds (hypernet, ...)
+    are refused with a UsageError: this tool cannot apply them, and dropping one would change the image."""
+    from sd_cli.errors import UsageError
+
+    tags = []
+    for m in _NETWORK.finditer(text):
+        kind = m.group(1).lower()
+        if kind not in LORA_KINDS:
+            raise UsageError(f"the prompt uses {m.group(0)[:60]}: '{kind}' networks are not something this tool "
+                             "applies (LoRA and LyCORIS are: <lora:NAME:WEIGHT>)")
+        tags.append(_lora_tag(m.group(0), m.group(2)))
+    return _NETWORK.sub("", text), tuple(tags)

@@ -13,7 +13,6 @@ and then any noise the sampler adds.
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -21,17 +20,12 @@ from typing import Callable
 import numpy as np
 
 from sd_cli.errors import CheckpointError, SdCliError, UsageError
-from sd_cli.run.report import Log
+from sd_cli.run.report import Log, path_text
 from sd_cli.run.settings import DEFAULT_CKPT, DEFAULT_SEED, Generation, Runtime, choose_model
 from sd_cli.run.work import WorkItem, WorkPlan
 from sd_cli.version import __version__
 
 StepCallback = Callable[[int, int, object], None]  # (step index, total steps, latents)
-
-
-def path_text(path) -> str:
-    """A path as text that can go into a PNG or JSON: bytes that are not UTF-8 become \\xNN escapes."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def missing_checkpoint_message(path: str) -> str:
@@ -86,16 +80,30 @@ class StableDiffusion:
         from sd_cli.weights.embeddings import EmbeddingSet
 
         self.embeddings = EmbeddingSet(runtime.embeddings, get_tokenizer(), self.config.model.text.hidden_size)
+        from sd_cli.run.loras import LoraBank
+        from sd_cli.weights.lora import model_layout
+
+        self.loras = LoraBank(runtime.lora_dir, lambda: model_layout(self.config.model))
+        self.default_loras: tuple = ()  # the API's LoRA set (`load(loras=...)`, `set_loras`)
+        self.vae_hash = short_hash(runtime.vae) if runtime.vae is not None else None
         self._pipe = None
+        if gen is not None:
+            self.check_loras(gen)
 
     @classmethod
     def load(cls, ckpt: str | Path | None = None, *, config: str | None = None, device: str | None = None,
-             dtype: str | None = None, threads: int | None = None, vae_tiling: str = "auto") -> "StableDiffusion":
+             dtype: str | None = None, threads: int | None = None, vae_tiling: str = "auto",
+             vae: str | Path | None = None, loras=(), lora_dir: str | Path | None = None) -> "StableDiffusion":
         """Load a checkpoint (.ckpt or .safetensors); without one, the CLI's default (the demo model when
         nothing is at models/ldm/stable-diffusion-v1/model.ckpt). device (auto|cpu|cuda) and dtype
-        (auto|fp32|bf16|fp16) default, as in the CLI, to the config's runtime section."""
+        (auto|fp32|bf16|fp16) default, as in the CLI, to the config's runtime section. `vae`: a VAE file
+        instead of the checkpoint's; `loras`: [(path, weight)] for every image (`set_loras` changes them);
+        `lora_dir`: where prompt tags `<lora:NAME:W>` look (default models/Lora)."""
         path, config, demo = choose_model(str(ckpt) if ckpt is not None else None, config)
-        sd = cls(Runtime(path, config, demo, device, dtype, None, threads, vae_tiling))
+        as_path = lambda p: Path(p).expanduser() if p is not None else None  # noqa: E731
+        sd = cls(Runtime(path, config, demo, device, dtype, None, threads, vae_tiling, vae=as_path(vae),
+                         lora_dir=as_path(lora_dir)))
+        sd.set_loras(loras)
         sd.pipeline()
         return sd
 
@@ -124,10 +132,10 @@ class StableDiffusion:
             on = f"{self.device}, {self.threads} threads" if self.threads else str(self.device)
             self.log.info(f"loading {self.runtime.ckpt} ({self.dtype_name}, {self.dtype_choice.reason}; on {on}) ...")
             model = loading.load_model(self.config.model, self.runtime.ckpt, device=self.device,
-                                       dtype=self.dtype_choice.dtype)
+                                       dtype=self.dtype_choice.dtype, vae=self.runtime.vae)
             self.log.info(f"model loaded in {time.perf_counter() - t0:.1f} s (hash {self.model_hash})")
             self._pipe = Pipeline(model, self.device, on_warning=self.log.warn, vae_tiling=self.runtime.vae_tiling,
-                                  embeddings=self.embeddings)
+                                  embeddings=self.embeddings, ckpt=self.runtime.ckpt)
         return self._pipe
 
     def base_metadata(self, gen: Generation) -> dict:
@@ -154,8 +162,41 @@ class StableDiffusion:
             "seed_rule": gen.seed_rule,
             "prompt_syntax": gen.prompt_syntax,
             "clip_skip": gen.clip_skip,
+            **({"vae": self.vae_record()} if self.runtime.vae is not None else {}),
             "sd_cli_version": __version__,
         }
+
+    def vae_record(self) -> dict:
+        """The --vae file as the metadata records it (A1111: "VAE hash" is its AutoV2 hash, "VAE" its name)."""
+        from sd_cli.weights.checkpoint import file_hash
+
+        vae = self.runtime.vae
+        return {"file": path_text(vae), "name": path_text(vae.name), "sha256": file_hash(vae),
+                "a1111_hash": self.vae_hash}
+
+    def lora_set(self, gen: Generation, prompt: str):
+        """The LoRAs of one prompt's images, read and checked, in merge order."""
+        return self.loras.resolve(self.loras.requests(gen.loras, prompt, gen.prompt_syntax))
+
+    def check_loras(self, gen: Generation) -> None:
+        """Every prompt's LoRA tags name a file, and every file fits this model: before any image."""
+        for prompt in dict.fromkeys(gen.prompts):
+            self.lora_set(gen, prompt)
+
+    def set_loras(self, loras) -> None:
+        """The API's LoRA set for later `txt2img` calls: [(path, weight) or (path, te_weight, unet_weight)].
+        Only the touched layers change (from the checkpoint's own tensors); nothing is read from disk again
+        but those layers."""
+        from sd_cli.run.loras import LoraRequest
+
+        reqs = []
+        for entry in loras:
+            path, *weights = entry if isinstance(entry, (tuple, list)) else (entry,)
+            te = float(weights[0]) if weights else 1.0
+            unet = float(weights[1]) if len(weights) > 1 else te
+            reqs.append(LoraRequest(Path(path).expanduser(), te, unet, Path(path).stem))
+        self.loras.resolve(reqs)  # read and check now
+        self.default_loras = tuple(reqs)
 
     def describe(self, gen: Generation, prompt: str) -> dict:
         """Per-image metadata that depends on the prompt: its token count and the embeddings it (or the
@@ -163,12 +204,15 @@ class StableDiffusion:
         from sd_cli.model.tokenizer import get_tokenizer
         from sd_cli.pipeline.conditioning import chunk_prompt, token_count
 
+        loras = [r.record() for r in self.lora_set(gen, prompt)]
+        fields = {"loras": loras} if loras else {}
         if gen.prompt_syntax != "a1111":
-            return {"token_count": token_count(prompt, gen.prompt_syntax)}
+            return {"token_count": token_count(prompt, gen.prompt_syntax), **fields}
         tok = get_tokenizer()
         chunked = chunk_prompt(prompt, tok, self.embeddings)
         used = {**chunked.embeddings, **chunk_prompt(gen.negative_prompt, tok, self.embeddings).embeddings}
-        return {"token_count": chunked.token_count, **({"embeddings": dict(sorted(used.items()))} if used else {})}
+        return {"token_count": chunked.token_count, **({"embeddings": dict(sorted(used.items()))} if used else {}),
+                **fields}
 
     def plan(self, gen: Generation) -> WorkPlan:
         """The work items of `gen` on this model."""
@@ -180,6 +224,7 @@ class StableDiffusion:
 
         from sd_cli.output.watermark import apply_watermark
         from sd_cli.pipeline.generate import initial_noise
+        from sd_cli.weights.merge import LoraUse
 
         if item.seeds:  # seed rule "image": one generator per image, its noise drawn from it alone
             generator = [torch.Generator("cpu").manual_seed(s) for s in item.seeds]
@@ -189,7 +234,9 @@ class StableDiffusion:
             generator = torch.Generator("cpu").manual_seed(item.seed)
             noise = initial_noise(generator, gen.n_samples, gen.latent_channels, gen.height, gen.width,
                                   gen.factor)[: len(item.prompts)]
-        images = self.pipeline().generate(
+        pipe = self.pipeline()
+        pipe.set_loras([LoraUse(r.file, r.request.te, r.request.unet) for r in self.lora_set(gen, item.prompts[0])])
+        images = pipe.generate(
             list(item.prompts), noise, negative_prompt=gen.negative_prompt,
             sampler=gen.sampler, steps=gen.steps, scale=gen.scale, eta=gen.eta, generator=generator,
             callback=on_step, prompt_syntax=gen.prompt_syntax, clip_skip=gen.clip_skip,
@@ -201,12 +248,14 @@ class StableDiffusion:
         """`n` images of `prompt` as one batch (PIL images carrying the CLI's metadata in `.info`), equal
         to `sd-txt2img --prompt PROMPT --seed SEED --n_samples N --n_iter 1`. Keyword settings as
         `Generation.create`: negative_prompt, sampler, steps, scale, eta, height, width, fixed_code,
-        watermark. Nothing is written; `image.save(path)` keeps the metadata, `save_images` numbers files."""
+        watermark. The prompt's `<lora:NAME:W>` tags and the `set_loras` set apply. Nothing is written; `image.save(path)` keeps the metadata, `save_images` numbers files."""
         from sd_cli.output.a1111 import a1111_text
         from sd_cli.sampling.samplers import get_sampler
 
-        gen = Generation.create([prompt], demo=self.runtime.demo, seed=seed, n_samples=n, n_iter=1, **settings)
+        gen = Generation.create([prompt], demo=self.runtime.demo, seed=seed, n_samples=n, n_iter=1,
+                                **{"loras": self.default_loras, **settings})
         self.check(gen)
+        self.check_loras(gen)
         item = self.plan(gen)[0]
         schedule = get_sampler(gen.sampler).schedule
         return [_pil(img, a1111_text(meta, schedule), meta) for img, meta in zip(self.render(gen, item), item.metas)]

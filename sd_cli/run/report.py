@@ -16,6 +16,11 @@ from dataclasses import dataclass, field
 from sd_cli.errors import StdoutClosedByReader, StdoutError
 
 
+def path_text(path) -> str:
+    """A path as text that can go into a PNG or JSON: bytes that are not UTF-8 become \\xNN escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 
 def one_line(text: str) -> str:
     """`text` with line breaks, other control characters and undecodable bytes escaped (\\n, \\udcff):

@@ -123,6 +123,7 @@ class Generation:
     s_noise: float = 1.0  # A1111's sigma noise, where the sampler has it
     seed_rule: str = "image"  # image: image m of the run has seed + m and its own generator (A1111);
     #                           batch: batch k has seed + k, one generator (images before the field)
+    loras: tuple = ()  # the run's --lora files (sd_cli.run.loras.LoraRequest), for every prompt
 
     def __post_init__(self) -> None:
         from sd_cli.sampling.samplers import get_sampler
@@ -153,8 +154,8 @@ class Generation:
         if not 1 <= self.clip_skip <= 12:
             raise UsageError(f"--clip-skip {self.clip_skip}: must be between 1 and 12 (1: the last layer, as SD)")
         if self.prompt_syntax == "a1111":
-            for text in (*self.prompts, self.negative_prompt):
-                check_a1111(text)
+            for i, text in enumerate((*self.prompts, self.negative_prompt)):
+                check_a1111(text, negative=i == len(self.prompts))
                 _check_length(text)
         if not math.isfinite(self.scale):
             raise UsageError(f"--scale {self.scale}: must be a finite number")
@@ -240,10 +241,16 @@ class Runtime:
     threads: int | None = None  # CPU threads; None: the physical cores
     vae_tiling: str = "auto"
     embeddings: Path | None = None  # textual-inversion folder (a file's stem is its trigger word)
+    vae: Path | None = None  # a VAE file that replaces the checkpoint's
+    lora_dir: Path | None = None  # where <lora:NAME> tags look (None: models/Lora when it exists)
 
     def __post_init__(self) -> None:
         if self.embeddings is not None and not self.embeddings.is_dir():
             raise UsageError(f"--embeddings {self.embeddings}: not a folder")
+        if self.lora_dir is not None and not self.lora_dir.is_dir():
+            raise UsageError(f"--lora-dir {self.lora_dir}: not a folder")
+        if self.vae is not None and not self.vae.is_file():
+            raise UsageError(f"--vae {self.vae}: no such file")
         if self.threads is not None and not 1 <= self.threads <= 1024:
             raise UsageError(f"--threads {self.threads}: must be between 1 and 1024")
         if self.dtype not in (None, *DTYPE_CHOICES):

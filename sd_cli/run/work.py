@@ -6,8 +6,8 @@ of the one-process loop: iteration n, batch b, j = n * (batches per iteration) +
 again alone with --seed S --n_samples 1; --fixed_code gives every batch the first batch's seeds. Rule
 "batch" (images before it): batch j gets seed + j, one generator for the batch (seed with --fixed_code).
 Every executor computes the same noise for an item. A --from-file
-run batches its prompts n_samples at a time (the last batch may be smaller); a single prompt fills a
-batch of n_samples. Items are built when asked for (`WorkPlan[j]`), never all at once.
+run batches its prompts n_samples at a time (the last batch may be smaller, and a change of LoRA tags
+starts a new batch); a single prompt fills a batch of n_samples. Items are built when asked for (`WorkPlan[j]`), never all at once.
 """
 
 from __future__ import annotations
@@ -31,11 +31,28 @@ class WorkItem:
 
 
 def batches(gen: Generation) -> list[tuple[str, ...]]:
-    """The batches of one iteration."""
+    """The batches of one iteration. A batch never mixes LoRA sets: consecutive file prompts with the
+    same `<lora:...>` tags share batches of up to n_samples; a prompt with other tags starts a new batch."""
     if not gen.from_file:
         return [tuple(gen.prompts[:1]) * gen.n_samples]
-    n = gen.n_samples
-    return [tuple(gen.prompts[i : i + n]) for i in range(0, len(gen.prompts), n)]
+    out: list[list[str]] = []
+    last = None
+    for prompt in gen.prompts:
+        key = _lora_key(prompt, gen.prompt_syntax)
+        if not out or len(out[-1]) == gen.n_samples or key != last:
+            out.append([])
+        out[-1].append(prompt)
+        last = key
+    return [tuple(b) for b in out]
+
+
+def _lora_key(prompt: str, syntax: str) -> tuple:
+    """What decides a prompt's LoRA set (its tags; plain text has none)."""
+    if syntax != "a1111" or "<" not in prompt:
+        return ()
+    from sd_cli.pipeline.prompt_syntax import extra_networks
+
+    return tuple(sorted((t.name, t.te, t.unet) for t in extra_networks(prompt)[1]))
 
 
 class WorkPlan(Sequence):

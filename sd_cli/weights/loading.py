@@ -121,15 +121,18 @@ def release_pages(t: torch.Tensor) -> None:
 
 def load_model(
     cfg: ModelConfig, path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-    channels_last: bool | None = None,
+    channels_last: bool | None = None, vae: str | Path | None = None,
 ) -> LatentDiffusion:
     """The model of `cfg` with the weights of checkpoint `path`, in `dtype` on `device`, ready for
     inference (see `prepare_for_inference`: channels-last layout per `channels_last`, default `CHANNELS_LAST`).
-    Peak memory: the converted model plus about one tensor (file pages are released as we go)."""
+    Peak memory: the converted model plus about one tensor (file pages are released as we go).
+    `vae`: a VAE file whose tensors replace the checkpoint's (`vae_file`)."""
     device = torch.device(device)
     sd = read_state_dict(path)  # 1.
     require_sd1(sd, str(path))  # 2.
     model = build_meta_model(cfg)  # 3.
+    if vae is not None:
+        sd = _with_vae(sd, model, vae)
     match_state_dict(model, sd, path)  # 4.
 
     # 5. One tensor at a time: the file's (mmap'd or unpickled) copy is dropped as soon as it's converted.
@@ -165,6 +168,15 @@ def load_model(
     prepare_for_inference(model, nhwc)
     log.debug("loaded %s: %d tensors as %s on %s", path, len(full), dtype, device)
     return model
+
+
+def _with_vae(sd: dict[str, torch.Tensor], model: LatentDiffusion, vae: str | Path) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors with its VAE replaced by the file `vae`'s (checked against the model)."""
+    from sd_cli.weights.vae_file import PREFIX, vae_tensors
+
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k.startswith(PREFIX)}
+    replacement = vae_tensors(vae, expected)
+    return {**{k: v for k, v in sd.items() if not k.startswith(PREFIX)}, **replacement}
 
 
 # The UNet and the VAE run channels-last (NHWC) unless `channels_last=False` says otherwise: faster for both

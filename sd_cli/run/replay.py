@@ -214,6 +214,7 @@ def _engine(req: ReplayRequest, runtime, rec: Recorded, meta: dict, log):
         if not req.force:
             raise CheckpointError(f"{why}; pass that model's file as --ckpt, or add --force to replay anyway")
         log.warn(f"{why}; replaying anyway (--force)")
+    _check_vae(req, runtime, meta, log)
     recorded = meta.get("embeddings") if isinstance(meta.get("embeddings"), dict) else {}
     missing = sorted(str(name) for name in recorded if name not in sd.embeddings.paths)
     if missing:
@@ -225,6 +226,24 @@ def _engine(req: ReplayRequest, runtime, rec: Recorded, meta: dict, log):
     if rec.threads and sd.threads and sd.threads != rec.threads:
         log.info(f"recorded with {rec.threads} CPU threads, replaying with {sd.threads}: expect last-bit differences")
     return sd
+
+
+def _check_vae(req: ReplayRequest, runtime, meta: dict, log) -> None:
+    """The image's --vae (by hash) is the one given now; neither, or both the same (--force: a warning)."""
+    from sd_cli.weights.checkpoint import file_hash
+
+    made = meta.get("vae") if isinstance(meta.get("vae"), dict) else None
+    now = file_hash(runtime.vae) if runtime.vae is not None else None
+    if (made or {}).get("sha256") == now:
+        return
+    if made is None:
+        why = f"{req.image} was made with the checkpoint's own VAE, not --vae {runtime.vae}"
+    else:
+        why = f"{req.image} was made with --vae {made.get('file')} (sha256 {str(made.get('sha256'))[:10]}...)"
+        why += f", not {runtime.vae}" if runtime.vae is not None else "; pass that file as --vae"
+    if not req.force:
+        raise CheckpointError(f"{why} (or add --force to replay anyway)")
+    log.warn(f"{why}; replaying anyway (--force)")
 
 
 def _regenerate(sd, rec: Recorded, meta: dict, path: Path, quiet: bool):
@@ -254,9 +273,10 @@ def _regenerate(sd, rec: Recorded, meta: dict, path: Path, quiet: bool):
                          fixed_code=meta.get("fixed_code") is True, watermark=False,
                          prompt_syntax=syntax, clip_skip=clip_skip,  # absent: the text as it is, as made
                          scheduler=_recorded_scheduler(meta, rec.sampler), s_noise=float(s_noise),
-                         seed_rule=rule)
+                         seed_rule=rule, loras=recorded_loras(meta, path))
     except UsageError as err:
         raise ReplayError(f"{path}: its sd_cli metadata cannot be replayed: {err}") from None
+    sd.check_loras(gen)  # the prompt's <lora:...> names are found before the model loads
     seeds = tuple(first + i for i in range(rec.batch_size)) if rule == "image" else ()
     item = WorkItem(0, 0, (rec.prompt,) * rec.batch_size, first, (), seeds)
     bar = tqdm(total=rec.steps, desc=f"replaying {rec.sampler}", unit="step", leave=False, disable=quiet,
@@ -270,6 +290,27 @@ def _regenerate(sd, rec: Recorded, meta: dict, path: Path, quiet: bool):
     if rec.watermark is not None:
         options = {rec.watermark: options[rec.watermark]}
     return options, gen
+
+
+def recorded_loras(meta: dict, path: Path) -> tuple:
+    """The image's --lora files as requests (its prompt's <lora:...> tags are found again in --lora-dir)."""
+    from sd_cli.run.loras import LoraRequest
+
+    records = meta.get("loras", [])
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise ReplayError(f"{path}: its sd_cli metadata has a malformed loras list")
+    out = []
+    for r in records:
+        if r.get("source") != "--lora":
+            continue
+        file, te, unet = r.get("file"), r.get("te_weight"), r.get("unet_weight")
+        if not isinstance(file, str) or type(te) not in (int, float) or type(unet) not in (int, float):
+            raise ReplayError(f"{path}: its sd_cli metadata has a malformed LoRA entry")
+        if not Path(file).is_file():
+            raise ReplayError(f"{path} was made with --lora {file}, which is not there (run from the folder it was "
+                              "made in, or put the file back)")
+        out.append(LoraRequest(Path(file), float(te), float(unet), str(r.get("name", Path(file).stem)), "--lora"))
+    return tuple(out)
 
 
 def _recorded_scheduler(meta: dict, sampler: str) -> str:
@@ -354,8 +395,9 @@ def check_metadata(sd, gen, rec: Recorded, meta: dict, text: str | None, marked:
     expected.update({k: meta[k] for k in ENVIRONMENT_FIELDS if k in meta})
     expected.update({k: meta[k] for k in _NOT_COMPARED if k in meta})
     differs = sorted(k for k in meta if k not in _NOT_COMPARED and (k not in expected or meta[k] != expected[k]))
-    if expected.get("embeddings") and "embeddings" not in meta:  # a trigger word that is an embedding now
-        differs.append("embeddings")
+    for field in ("embeddings", "loras", "vae"):  # e.g. a trigger word that is an embedding now
+        if expected.get(field) and field not in meta:
+            differs.append(field)
     written = a1111_text(expected, get_sampler(gen.sampler).schedule)
     as_file = {k: expected.get(k, meta[k]) for k in meta}  # the fields the file has, as these settings write them
     return {"differs": differs, "text_matches": text == written, "text": written, "meta": as_file,

@@ -177,3 +177,59 @@ def test_fuzz_through_the_cli_is_an_image_or_one_error(micro, tmp_path_factory, 
     out = tmp_path_factory.mktemp("soup")
     rc = main(micro_argv(micro, out, "--prompt", text or "x", "--negative-prompt", text[::-1]))
     assert rc in (0, 1, 2)
+
+
+# --------------------------------------------------------------------------------------------------
+# Extra-network tags (<lora:NAME:W>): taken out of the text, refused clearly when malformed
+# --------------------------------------------------------------------------------------------------
+
+
+def test_lora_tags_are_taken_out_and_parsed():
+    from sd_cli.pipeline.prompt_syntax import extra_networks
+
+    text, tags = extra_networks("(a castle:1.2), <lora:style:0.8>, x <lora:b:0.5:1> <lyco:c:te=0.2:unet=-1> <lora:d>")
+    assert text == "(a castle:1.2), , x   "  # A1111 removes the tag and nothing else
+    assert [(t.name, t.te, t.unet) for t in tags] == [("style", 0.8, 0.8), ("b", 0.5, 1.0), ("c", 0.2, -1.0),
+                                                      ("d", 1.0, 1.0)]
+    tok = get_tokenizer()
+    assert chunk_prompt("a castle <lora:style:0.8>", tok).ids == chunk_prompt("a castle ", tok).ids
+
+
+@pytest.mark.parametrize("prompt, message", [
+    ("a <lora:x:abc>", "'abc' is not a LoRA weight"),
+    ("a <lora:x:nan>", "not a LoRA weight"),
+    ("a <lora:x:1:2:3>", "write <lora:NAME>"),
+    ("a <lora: :1>", "write <lora:NAME>"),
+    ("a <lora:x:dyn=4>", "dyn= is not a LoRA setting"),
+    ("a <hypernet:x:1>", "'hypernet' networks are not something this tool applies"),
+])
+def test_malformed_tags_are_one_clear_error(prompt, message):
+    from sd_cli.errors import UsageError
+    from sd_cli.pipeline.prompt_syntax import check_a1111
+
+    with pytest.raises(UsageError, match=message):
+        check_a1111(prompt)
+
+
+def test_a_lora_tag_in_the_negative_prompt_is_refused():
+    from sd_cli.errors import UsageError
+    from sd_cli.pipeline.prompt_syntax import check_a1111
+
+    check_a1111("a <lora:x:1>")
+    with pytest.raises(UsageError, match="LoRA tags go in the prompt"):
+        check_a1111("blurry <lora:x:1>", negative=True)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.text(alphabet=st.sampled_from(list("<>:=lorayc.-0123456789 ex\\()[]")), max_size=60))
+def test_tag_parsing_never_fails_otherwise(text):
+    """Any text: the tags parse, or one UsageError says why; the rest of the text is what is left."""
+    from sd_cli.errors import UsageError
+    from sd_cli.pipeline.prompt_syntax import check_a1111, extra_networks
+
+    try:
+        rest, tags = extra_networks(text)
+        check_a1111(text)
+    except UsageError:
+        return
+    assert len(rest) <= len(text) and all(t.text in text for t in tags)

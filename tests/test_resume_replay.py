@@ -51,7 +51,10 @@ OTHER = {"prompt": "a dog", "negative_prompt": "blurry", "seed": 43, "batch_inde
          "n_samples": 3, "steps": 21, "sampler": "plms", "scale": 7.0, "eta": 0.5, "width": 72, "height": 56,
          "model_hash": "abcdefabcd", "dtype": "float16", "vae_decode": "tiles", "watermark": True,
          "prompt_syntax": "a1111", "clip_skip": 2, "embeddings": {"style": "0123456789ab"}, "scheduler": "exponential",
-         "s_noise": 0.9, "seed_rule": "image"}  # (the last five: absent in META, which means their defaults)
+         "s_noise": 0.9, "seed_rule": "image",
+         "loras": [{"name": "style", "sha256": "ab" * 32, "te_weight": 0.8, "unet_weight": 0.8}],
+         "vae": {"name": "vae.safetensors", "sha256": "cd" * 32}}  # (from prompt_syntax on: absent in META,
+#                                                                     which means their defaults)
 
 
 def _png(directory: Path, meta: dict, value: int = 0) -> Path:

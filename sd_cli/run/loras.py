@@ -22,6 +22,7 @@ from sd_cli.errors import UsageError
 DEFAULT_LORA_DIR = "models/Lora"  # A1111's folder; used when it exists and --lora-dir is not given
 SUFFIXES = (".safetensors", ".pt", ".ckpt")
 MAX_FOLDER_FILES = 100_000
+MAX_KEPT = 32  # LoRA files kept read (each is memory-mapped or small)
 
 
 @dataclass(frozen=True)
@@ -158,8 +159,11 @@ class LoraBank:
             raise UsageError(f"--lora {path}: no such file" if request.source == "--lora" else f"LoRA {path}: gone")
         st = path.stat()
         key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
-        if key not in self._files:
-            self._files[key] = ResolvedLora(request, read_lora(path, self._layout()), file_hash(path), a1111_hash(path))
-        known = self._files[key]
+        known = self._files.pop(key, None)
+        if known is None:
+            known = ResolvedLora(request, read_lora(path, self._layout()), file_hash(path), a1111_hash(path))
+        self._files[key] = known  # most recently used last
+        while len(self._files) > MAX_KEPT:  # a long session over many LoRAs keeps only the recent ones
+            self._files.pop(next(iter(self._files)))
         return ResolvedLora(request, known.file, known.sha256, known.short_hash)
 

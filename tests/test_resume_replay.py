@@ -53,7 +53,8 @@ OTHER = {"prompt": "a dog", "negative_prompt": "blurry", "seed": 43, "batch_inde
          "prompt_syntax": "a1111", "clip_skip": 2, "embeddings": {"style": "0123456789ab"}, "scheduler": "exponential",
          "s_noise": 0.9, "seed_rule": "image",
          "loras": [{"name": "style", "sha256": "ab" * 32, "te_weight": 0.8, "unet_weight": 0.8}],
-         "vae": {"name": "vae.safetensors", "sha256": "cd" * 32}}  # (from prompt_syntax on: absent in META,
+         "vae": {"name": "vae.safetensors", "sha256": "cd" * 32},
+         "init_image": {"sha256": "ef" * 32, "width": 64, "height": 64}, "strength": 0.5, "encode": "mean"}  # (from prompt_syntax on: absent in META,
 #                                                                     which means their defaults)
 
 

@@ -26,7 +26,7 @@ GENERATION_DESTS = frozenset({
     "prompt", "negative_prompt", "from_file", "laion400m", "sampler", "plms", "dpm_solver", "ddim_steps", "steps",
     "ddim_eta", "scale", "seed", "fixed_code", "H", "W", "C", "f", "n_samples", "n_iter", "n_rows",
     "skip_grid", "skip_save", "no_watermark", "resume", "prompt_syntax", "clip_skip", "params", "strict_params",
-    "scheduler", "s_noise", "lora",
+    "scheduler", "s_noise", "lora", "strength", "encode", "resize",
 })
 # --params keyword -> the flags that, given on the command line, win over the infotext's value.
 PARAMS_FLAGS = {"prompt": ("prompt",), "negative_prompt": ("negative_prompt",), "steps": ("steps", "ddim_steps"),
@@ -35,12 +35,13 @@ PARAMS_FLAGS = {"prompt": ("prompt",), "negative_prompt": ("negative_prompt",), 
                 "eta": ("ddim_eta",), "n_samples": ("n_samples",), "scheduler": ("scheduler", "sampler")}
 
 
-def given_options(argv: list[str] | None) -> dict[str, str]:
+def given_options(argv: list[str] | None, command: str = "txt2img") -> dict[str, str]:
     """{dest: flag as typed on the command line} for the options actually given in `argv`."""
     from sd_cli.cli.parser import build_parser
 
-    parser = build_parser()
+    parser = build_parser(command)
     flags = {}
+    parser._defaults.clear()  # (the command name)
     for action in parser._actions:  # argparse has no public API for "was this option given?"
         action.default = argparse.SUPPRESS
         if action.option_strings:
@@ -71,6 +72,25 @@ def _embeddings(args: argparse.Namespace) -> Path | None:
     if args.embeddings is not None:
         return Path(args.embeddings).expanduser()
     return Path(DEFAULT_EMBEDDINGS) if Path(DEFAULT_EMBEDDINGS).is_dir() else None
+
+
+def _img2img(args: argparse.Namespace, kwargs: dict, demo: bool) -> dict:
+    """sd-img2img's settings: the init image (its size unless --W and --H are both given), strength,
+    encoding; CompVis img2img.py's defaults (DDIM with 50 steps unless a sampler is named, scale 5)."""
+    from sd_cli.output.init_image import load_init_image
+    from sd_cli.run.settings import DEFAULT_STRENGTH
+
+    if args.init_img is None:
+        raise UsageError("--init-img IMAGE: sd-img2img needs the image to start from")
+    if (args.W is None) != (args.H is None):
+        raise UsageError("--W and --H: give both (the init image is fitted to them) or neither (its own size)")
+    sized = args.W is not None
+    init = load_init_image(args.init_img, args.W, args.H, args.resize)
+    named = args.sampler or args.plms or args.dpm_solver or kwargs.get("sampler")
+    return {**kwargs, "init": init, "width": init.size[0], "height": init.size[1],
+            "strength": DEFAULT_STRENGTH if args.strength is None else args.strength, "encode": args.encode,
+            "resize": args.resize if sized else None, "sampler": named or "ddim",
+            "scale": kwargs["scale"] if kwargs["scale"] is not None or demo else 5.0}
 
 
 def _add_ons(args: argparse.Namespace) -> dict:
@@ -120,6 +140,8 @@ def settings(args: argparse.Namespace, given: dict | None = None):
     )
     if args.params is not None:
         kwargs = _from_params(args, given or {}, kwargs)
+    if args.command == "img2img":
+        kwargs = _img2img(args, kwargs, demo)
     prompt = kwargs.pop("prompt")
     prompts = read_prompt_file(args.from_file) if args.from_file else [prompt]
     gen = Generation.create(prompts, demo=demo, from_file=bool(args.from_file), **kwargs)
@@ -132,7 +154,7 @@ def replay_settings(args: argparse.Namespace, argv: list[str] | None):
     from sd_cli.run.settings import Runtime, choose_model
 
     _check_outdir(args)
-    given = given_options(argv)
+    given = given_options(argv, args.command)
     bad = sorted(flag for dest, flag in given.items() if dest in GENERATION_DESTS)
     if bad:
         raise UsageError(f"--replay takes prompt, seed and every setting from the image; drop {', '.join(bad)}")
@@ -140,18 +162,20 @@ def replay_settings(args: argparse.Namespace, argv: list[str] | None):
     runtime = Runtime(ckpt, config, demo, args.device, args.dtype, args.precision, args.threads,
                       embeddings=_embeddings(args), **_add_ons(args))
     write_dir = Path(args.outdir) / "samples" if "outdir" in given else None
-    return ReplayRequest(Path(args.replay), args.force, write_dir, args.vae_tiling, args.json, args.quiet), runtime
+    init = getattr(args, "init_img", None)
+    return ReplayRequest(Path(args.replay), args.force, write_dir, args.vae_tiling, args.json, args.quiet,
+                         Path(init) if init is not None else None), runtime
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, command: str = "txt2img") -> int:
     with signals.handled():
         try:
-            return _main(argv)
+            return _main(argv, command)
         except BaseException as err:  # a signal before the arguments were even parsed (imports, argparse)
             if isinstance(err, SystemExit) or signals.stopped_by(err) is None:
                 raise
             with signals.ignored():
-                print("sd-txt2img: interrupted", file=sys.stderr)
+                print(f"sd-{command}: interrupted", file=sys.stderr)
             return signals.EXIT_CODES[signals.stopped_by(err)]
         finally:  # under torchrun: leave the process group (sd_cli/run/distributed.py)
             with signals.ignored():
@@ -172,7 +196,7 @@ def _execute(args: argparse.Namespace, argv: list[str] | None, state) -> int:
         return replay(request, runtime, state)
     from sd_cli.run.txt2img import txt2img
 
-    gen, runtime, out = settings(args, given_options(argv) if args.params is not None else None)
+    gen, runtime, out = settings(args, given_options(argv, args.command) if args.params is not None else None)
     _demo_note(runtime, gen.scale, args.quiet)
     txt2img(gen, runtime, out, state)
     return 0
@@ -186,11 +210,11 @@ def _demo_note(runtime, scale: float, quiet: bool) -> None:
               f"{DEFAULT_CKPT} or pass --ckpt", file=sys.stderr)
 
 
-def _main(argv: list[str] | None) -> int:
+def _main(argv: list[str] | None, command: str = "txt2img") -> int:
     from sd_cli.cli.parser import build_parser
     from sd_cli.run.report import RunState, summary
 
-    parser = build_parser()
+    parser = build_parser(command)
     try:
         args = parser.parse_args(argv)
     except SystemExit as done:  # --help, --version, or a usage error already printed by argparse
@@ -205,7 +229,7 @@ def _main(argv: list[str] | None) -> int:
     )
     if not args.debug:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    state = RunState()
+    state = RunState(prog=parser.prog)
     try:
         code = _execute(args, argv, state)
         if not args.replay:
@@ -266,7 +290,12 @@ def _fail_quietly(fail, state, message: str, code: int, as_json: bool) -> int:
         return code
 
 
-def run() -> None:
+def run_img2img() -> None:
+    """The entry point of `sd-img2img`."""
+    run("img2img")
+
+
+def run(command: str = "txt2img") -> None:
     """The program's entry point (`sd-txt2img`, `python -m sd_cli`): `main`, then exit with its code.
 
     An interrupted run ends with `os._exit` once stdout and stderr are flushed: a Ctrl-C that passed through
@@ -274,7 +303,7 @@ def run() -> None:
     set, and the interpreter would then kill itself with SIGINT at exit (seen in 1 of 4 interrupts while
     the model loads) instead of returning 130. Every file is already complete by then.
     """
-    code = main()
+    code = main(command=command)
     if code in signals.EXIT_CODES.values():
         for stream in (sys.stdout, sys.stderr):
             try:

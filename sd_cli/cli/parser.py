@@ -54,12 +54,27 @@ def sampler_name(text: str) -> str:
     raise argparse.ArgumentTypeError(f"unknown sampler {text!r}; choose one of: {', '.join(SAMPLERS)}")
 
 
-def build_parser() -> argparse.ArgumentParser:
+IMG2IMG_EPILOG = (
+    "examples:\n"
+    '  sd-img2img --prompt "A fantasy landscape, trending on artstation" --init-img sketch.jpg --strength 0.8\n'
+    '  sd-img2img --prompt "a green circle on a blue background" --init-img red.png --strength 0.6 --sampler euler_a\n'
+    '  sd-img2img --init-img photo.jpg --prompt "oil painting" --W 512 --H 512 --resize crop\n\n'
+    "The init image keeps its size (rounded down to a multiple of 8) unless --W and --H are given.\n"
+    "Exit codes: 0 done, 1 runtime failure, 2 usage error, 130 interrupted (finished images are kept)."
+)
+
+
+def build_parser(command: str = "txt2img") -> argparse.ArgumentParser:
+    """The parser of sd-txt2img, or of sd-img2img (`command` "img2img": CompVis' img2img.py flags and
+    defaults, plus --init-img, --strength, --encode and --resize)."""
     names, sampler_lines = _sampler_help()
+    img2img = command == "img2img"
     p = _Parser(
-        prog="sd-txt2img",
-        description="Turn a text prompt into images with a Stable Diffusion v1.x checkpoint, on CPU or CUDA.",
-        epilog=(
+        prog=f"sd-{command}",
+        description=("Turn an image and a text prompt into new images (image to image) with a Stable Diffusion "
+                     "v1.x checkpoint, on CPU or CUDA." if img2img else
+                     "Turn a text prompt into images with a Stable Diffusion v1.x checkpoint, on CPU or CUDA."),
+        epilog=IMG2IMG_EPILOG if img2img else (
             "examples:\n"
             '  sd-txt2img --prompt "An astronaut riding a horse, painted by Pablo Picasso." --plms --n_iter 5 --n_samples 1\n'
             '  sd-txt2img --prompt "a lighthouse at dusk" --config configs/stable-diffusion/v1-inference-cpu.yaml\n'
@@ -73,12 +88,33 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _what_to_draw(p)
+    if img2img:
+        _image_to_image(p)
     _sampling(p, names, sampler_lines)
-    _size_and_count(p)
+    _size_and_count(p, *((2, 1) if img2img else (3, 2)))  # CompVis' defaults of each script
     _model_and_device(p)
-    _output(p)
+    _output(p, command)
     _check_an_image(p)
+    p.set_defaults(command=command)
     return p
+
+
+def _image_to_image(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("image to image")
+    g.add_argument("--init-img", "--init_img", dest="init_img", metavar="IMAGE", default=None,
+                   help="the image to start from (PNG, JPEG, WebP, ...; any mode: transparency over white, 16-bit "
+                        "greys scaled; EXIF orientation applied); required, except with --replay")
+    g.add_argument("--strength", type=float, default=None,
+                   help="how much to change it, 0..1: int(strength x steps) of the sampler's steps are run from "
+                        "the matching noise level; 0 returns the image through the VAE, 1 ignores it "
+                        "(default: 0.75, as CompVis)")
+    g.add_argument("--encode", choices=("mean", "sample"), default="mean",
+                   help="the init latent: the VAE posterior's mean (deterministic) or a sample from it, drawn from "
+                        "the image's seed (default: %(default)s)")
+    g.add_argument("--resize", choices=("crop", "fill", "stretch"), default="crop",
+                   help="with --W and --H: fit the image by scaling to cover and cropping the middle (crop), "
+                        "scaling to fit on white (fill), or ignoring its aspect ratio (stretch) (default: "
+                        "%(default)s)")
 
 
 def _lora_flag(text: str):
@@ -160,7 +196,7 @@ def _sampling(p: argparse.ArgumentParser, names: list[str], sampler_lines: str) 
                    help="give every batch and iteration the first batch's seeds, so the same start noise")
 
 
-def _size_and_count(p: argparse.ArgumentParser) -> None:
+def _size_and_count(p: argparse.ArgumentParser, n_samples: int = 3, n_iter: int = 2) -> None:
     g = p.add_argument_group("size and count")
     g.add_argument("--H", type=int, default=None, help="image height in pixels, a multiple of 8 "
                    "(default: 512; 64 with the demo model)")
@@ -168,9 +204,9 @@ def _size_and_count(p: argparse.ArgumentParser) -> None:
                    "(default: 512; 64 with the demo model)")
     g.add_argument("--C", type=int, default=4, help="latent channels; must be the model's (4) (default: %(default)s)")
     g.add_argument("--f", type=int, default=8, help="downsampling factor; must be the VAE's (8) (default: %(default)s)")
-    g.add_argument("--n_samples", "--batch-size", dest="n_samples", type=int, default=3,
+    g.add_argument("--n_samples", "--batch-size", dest="n_samples", type=int, default=n_samples,
                    help="images per batch (default: %(default)s)")
-    g.add_argument("--n_iter", type=int, default=2, help="how many times to run each batch (default: %(default)s)")
+    g.add_argument("--n_iter", type=int, default=n_iter, help="how many times to run each batch (default: %(default)s)")
     g.add_argument("--n_rows", type=int, default=0, help="images per grid row (default: --n_samples)")
 
 
@@ -204,9 +240,9 @@ def _model_and_device(p: argparse.ArgumentParser) -> None:
                         "than 512x512 (default: auto; the bare flag means on)")
 
 
-def _output(p: argparse.ArgumentParser) -> None:
+def _output(p: argparse.ArgumentParser, command: str = "txt2img") -> None:
     g = p.add_argument_group("output")
-    g.add_argument("--outdir", default="outputs/txt2img-samples", help="output folder (default: %(default)s)")
+    g.add_argument("--outdir", default=f"outputs/{command}-samples", help="output folder (default: %(default)s)")
     g.add_argument("--skip_grid", action="store_true", help="don't write the grid image")
     g.add_argument("--skip_save", action="store_true", help="don't write the individual images")
     g.add_argument("--resume", action="store_true",
@@ -220,7 +256,7 @@ def _output(p: argparse.ArgumentParser) -> None:
                    help="print one JSON object on stdout listing every file written with its seed and parameters")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info lines, errors only")
     g.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    g.add_argument("--version", action="version", version=f"sd-txt2img {__version__}")
+    g.add_argument("--version", action="version", version=f"sd-{command} {__version__}")
 
 
 def _check_an_image(p: argparse.ArgumentParser) -> None:

@@ -167,6 +167,7 @@ def a1111_text(meta: dict, schedule: str) -> str:
         "Schedule type": SCHEDULER_LABELS.get(meta.get("scheduler") or schedule),
         "VAE hash": meta["vae"]["a1111_hash"] if meta.get("vae") else None,
         "VAE": meta["vae"]["name"] if meta.get("vae") else None,
+        "Denoising strength": meta["strength"] if meta.get("init_image") else None,
         "Clip skip": meta["clip_skip"] if meta.get("clip_skip", 1) > 1 else None,
         "Lora hashes": lora_hashes(meta["loras"]) if meta.get("loras") else None,
         "TI hashes": ", ".join(f"{k}: {v}" for k, v in meta["embeddings"].items()) if meta.get("embeddings") else None,

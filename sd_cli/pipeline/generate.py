@@ -17,7 +17,7 @@ from sd_cli.pipeline.conditioning import chunk_prompt, encode_chunked
 from sd_cli.pipeline.guidance import guided_eps_model
 from sd_cli.output.pixels import to_uint8
 from sd_cli.model.ldm import LatentDiffusion
-from sd_cli.sampling.samplers import get_sampler
+from sd_cli.sampling.samplers import get_sampler, img2img_start
 from sd_cli.model.tokenizer import get_tokenizer
 from sd_cli.pipeline.vae_tiling import LatentDecoder
 from sd_cli.weights.precision import dtype_name
@@ -122,9 +122,12 @@ class Pipeline:
         clip_skip: int = 1,
         scheduler: str | None = None,
         s_noise: float = 1.0,
+        init: torch.Tensor | None = None,
+        t_enc: int = 0,
     ) -> np.ndarray:
-        """Images (B, H, W, 3) uint8 for B prompts from start noise (B, 4, H/8, W/8)."""
-        info = get_sampler(sampler)
+        """Images (B, H, W, 3) uint8 for B prompts from start noise (B, 4, H/8, W/8). Image to image:
+        `init` (B, 4, H/8, W/8) scaled latents and `t_enc` denoising steps (`samplers.img2img_start`);
+        t_enc 0 decodes `init` as it is."""
         batch = len(prompts)
         if noise.shape[0] != batch:
             raise ValueError(f"noise batch {noise.shape[0]} != {batch} prompts")
@@ -139,11 +142,35 @@ class Pipeline:
         eps_model = guided_eps_model(self.model.unet, cond, uncond, scale)
 
         # 3. Denoising loop from the seeded start latents (kept in float32 between steps).
+        if init is not None and t_enc == 0:
+            latents = init.to(self.device, torch.float32)  # strength 0: the image through the VAE
+        else:
+            latents = self._denoise(eps_model, noise, sampler, steps, eta, generator, callback, scheduler, s_noise,
+                                    init, t_enc)
+
+        # 4. Decode latents to pixels; refuse to write black/NaN images (never silently).
+        pixels = self.decoder(latents)  # (B, 3, H, W) in about [-1, 1]
+        if not torch.isfinite(pixels).all():
+            raise SdCliError(f"the VAE decode produced non-finite pixels (NaN/inf); {self._nan_hint()}")
+
+        # 5. To uint8 (rounded).
+        return to_uint8(pixels)
+
+    def _denoise(self, eps_model, noise, sampler, steps, eta, generator, callback, scheduler, s_noise,
+                 init, t_enc) -> torch.Tensor:
+        """The sampler's loop: latents (B, 4, h, w) float32 from noise (txt2img) or from `init` noised to
+        the level of t_enc (img2img). NaN guard: every step's latents are checked (one reduction on a
+        small tensor) and the error names the first bad step; on the CPU a bad step stops the run at
+        once, on a GPU the flags stay on the device and are read once after the loop (no sync per step)."""
+        info = get_sampler(sampler)
         x_T = noise.to(self.device, torch.float32)  # (B, 4, H/8, W/8)
         ac = self.model.alphas_cumprod.to(self.device)
-        # NaN guard: every step's latents are checked (one reduction on a small tensor) and the error
-        # names the first bad step. On the CPU a bad step stops the run at once; on a GPU the flags stay
-        # on the device and are read once after the loop, so the guard adds no sync per step.
+        extra = {"scheduler": scheduler} if scheduler not in (None, info.schedule) else {}
+        if s_noise != 1.0:
+            extra["s_noise"] = s_noise
+        if init is not None:
+            x_T, extra["start"] = img2img_start(info, init.to(self.device, torch.float32), x_T, ac, steps,
+                                                scheduler, t_enc)
         finite: list[torch.Tensor] = []
 
         def bad_step(i: int, total: int) -> SdCliError:
@@ -162,9 +189,6 @@ class Pipeline:
             if callback is not None:
                 callback(i, total, x)
 
-        extra = {"scheduler": scheduler} if scheduler not in (None, info.schedule) else {}
-        if s_noise != 1.0:
-            extra["s_noise"] = s_noise
         latents = info.fn(eps_model, x_T, ac, steps, eta=eta, generator=generator, callback=checked, **extra)
         if finite:
             flags = torch.stack(finite).cpu().tolist()
@@ -172,11 +196,22 @@ class Pipeline:
                 raise bad_step(flags.index(False), len(flags))
         if not torch.isfinite(latents).all():
             raise SdCliError(f"sampling ({sampler}) produced non-finite latents (NaN/inf); {self._nan_hint()}")
+        return latents
 
-        # 4. Decode latents to pixels; refuse to write black/NaN images (never silently).
-        pixels = self.decoder(latents)  # (B, 3, H, W) in about [-1, 1]
-        if not torch.isfinite(pixels).all():
-            raise SdCliError(f"the VAE decode produced non-finite pixels (NaN/inf); {self._nan_hint()}")
-
-        # 5. To uint8 (rounded).
-        return to_uint8(pixels)
+    @torch.inference_mode()
+    def encode_images(self, pixels: np.ndarray, mode: str = "mean", generators=None) -> torch.Tensor:
+        """Init images (B, H, W, 3) uint8 -> scaled latents (B, 4, H/8, W/8) float32: the VAE posterior's
+        mean ("mean", deterministic) or a draw from it ("sample": one row of noise from each image's
+        generator, after its start noise). Pixels go to [-1, 1] as CompVis' load_img: x / 255 * 2 - 1."""
+        vae = self.model.first_stage_model
+        x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).to(torch.float32) / 255.0
+        x = (2.0 * x - 1.0).to(self.device, vae.quant_conv.weight.dtype)  # (B, 3, H, W)
+        mean, logvar = vae.encode_moments(x)  # (B, 4, h, w) each
+        z = mean.float()
+        if mode == "sample":
+            gens = generators if isinstance(generators, list) else [generators] * len(pixels)
+            draws = torch.cat([torch.randn((1, *z.shape[1:]), generator=g, dtype=torch.float32) for g in gens])
+            z = z + torch.exp(0.5 * logvar.float()) * draws.to(z.device)
+        if not torch.isfinite(z).all():
+            raise SdCliError(f"the VAE encoder produced non-finite latents (NaN/inf); {self._nan_hint()}")
+        return z * self.model.cfg.scale_factor

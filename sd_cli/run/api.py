@@ -163,6 +163,7 @@ class StableDiffusion:
             "prompt_syntax": gen.prompt_syntax,
             "clip_skip": gen.clip_skip,
             **({"vae": self.vae_record()} if self.runtime.vae is not None else {}),
+            **(_init_fields(gen) if gen.init is not None else {}),
             "sd_cli_version": __version__,
         }
 
@@ -236,11 +237,12 @@ class StableDiffusion:
                                   gen.factor)[: len(item.prompts)]
         pipe = self.pipeline()
         pipe.set_loras([LoraUse(r.file, r.request.te, r.request.unet) for r in self.lora_set(gen, item.prompts[0])])
+        init, t_enc = _init_latents(pipe, gen, len(item.prompts), generator)
         images = pipe.generate(
             list(item.prompts), noise, negative_prompt=gen.negative_prompt,
             sampler=gen.sampler, steps=gen.steps, scale=gen.scale, eta=gen.eta, generator=generator,
             callback=on_step, prompt_syntax=gen.prompt_syntax, clip_skip=gen.clip_skip,
-            scheduler=gen.scheduler, s_noise=gen.s_noise,
+            scheduler=gen.scheduler, s_noise=gen.s_noise, init=init, t_enc=t_enc,
         )
         return [apply_watermark(img) if gen.watermarked else img for img in images]
 
@@ -259,6 +261,29 @@ class StableDiffusion:
         item = self.plan(gen)[0]
         schedule = get_sampler(gen.sampler).schedule
         return [_pil(img, a1111_text(meta, schedule), meta) for img, meta in zip(self.render(gen, item), item.metas)]
+
+
+def _init_fields(gen: Generation) -> dict:
+    """Image to image in the metadata: the init image (file, sha256, its own size, how it was fitted),
+    the strength and the encoding."""
+    init = gen.init
+    return {"init_image": {"file": path_text(init.file), "sha256": init.sha256, "width": init.source_size[0],
+                           "height": init.source_size[1], "resize": gen.resize},
+            "strength": gen.strength, "encode": gen.encode}
+
+
+def _init_latents(pipe, gen: Generation, batch: int, generator):
+    """(init latents (B, 4, h, w) or None, denoising steps) of one batch; strength 1 ignores the image."""
+    from sd_cli.sampling.samplers import denoising_steps
+
+    if gen.init is None or gen.strength >= 1.0:
+        return None, 0
+    pixels = gen.init.pixels[None]  # (1, H, W, 3)
+    if gen.encode == "mean":  # deterministic: encode once for the whole batch
+        latents = pipe.encode_images(pixels).expand(batch, -1, -1, -1)
+    else:
+        latents = pipe.encode_images(np.repeat(pixels, batch, axis=0), "sample", generator)
+    return latents, denoising_steps(gen.strength, gen.steps)
 
 
 def _sampling_fields(gen: Generation) -> dict:

@@ -197,6 +197,32 @@ class ReplayRequest:
     vae_tiling: str | None = None
     json: bool = False
     quiet: bool = False
+    init_img: Path | None = None  # sd-img2img --replay: the init image the image was made from
+
+
+def recorded_init(req: ReplayRequest, meta: dict, path: Path) -> dict:
+    """Generation fields of an image-to-image image: its init image (given again with --init-img, checked
+    by sha256 and fitted as recorded), strength and encoding; {} for a text-to-image one."""
+    from sd_cli.output.init_image import load_init_image
+
+    made = meta.get("init_image")
+    if made is None:
+        if req.init_img is not None:
+            raise ReplayError(f"{path} was made from text alone; drop --init-img")
+        return {}
+    strength, encode = meta.get("strength"), meta.get("encode")
+    if not isinstance(made, dict) or type(strength) not in (int, float) or encode not in ("mean", "sample"):
+        raise ReplayError(f"{path}: its sd_cli metadata has a malformed init_image, strength or encode")
+    if req.init_img is None:
+        raise ReplayError(f"{path} was made from the init image {made.get('file')!s:.200}; replay it with "
+                          "sd-img2img --replay IMAGE --init-img THAT_FILE")
+    sized = made.get("resize")
+    init = load_init_image(req.init_img, meta.get("width") if sized else None, meta.get("height") if sized else None,
+                           sized or "crop")
+    if init.sha256 != made.get("sha256"):
+        raise ReplayError(f"--init-img {req.init_img} is not the image {path} was made from (sha256 "
+                          f"{init.sha256[:12]}... vs {str(made.get('sha256'))[:12]}...)")
+    return {"init": init, "strength": float(strength), "encode": encode, "resize": sized}
 
 
 def _engine(req: ReplayRequest, runtime, rec: Recorded, meta: dict, log):
@@ -246,7 +272,7 @@ def _check_vae(req: ReplayRequest, runtime, meta: dict, log) -> None:
     log.warn(f"{why}; replaying anyway (--force)")
 
 
-def _regenerate(sd, rec: Recorded, meta: dict, path: Path, quiet: bool):
+def _regenerate(sd, rec: Recorded, meta: dict, path: Path, quiet: bool, init_fields: dict):
     """The image's whole batch made again through the render path; {watermarked?: pixels} for the
     options the metadata allows (an image from before the `watermark` field tries both)."""
     from tqdm import tqdm
@@ -273,7 +299,7 @@ def _regenerate(sd, rec: Recorded, meta: dict, path: Path, quiet: bool):
                          fixed_code=meta.get("fixed_code") is True, watermark=False,
                          prompt_syntax=syntax, clip_skip=clip_skip,  # absent: the text as it is, as made
                          scheduler=_recorded_scheduler(meta, rec.sampler), s_noise=float(s_noise),
-                         seed_rule=rule, loras=recorded_loras(meta, path))
+                         seed_rule=rule, loras=recorded_loras(meta, path), **init_fields)
     except UsageError as err:
         raise ReplayError(f"{path}: its sd_cli metadata cannot be replayed: {err}") from None
     sd.check_loras(gen)  # the prompt's <lora:...> names are found before the model loads
@@ -357,10 +383,11 @@ def replay(req: ReplayRequest, runtime, state) -> int:
         from sd_cli.output.png import ensure_writable_dir
 
         ensure_writable_dir(req.write_dir)
+    init_fields = recorded_init(req, meta, path)  # before the model loads: the right --init-img?
     sd = _engine(req, runtime, rec, meta, log)
     t0 = time.perf_counter()
     sd.pipeline()
-    options, gen = _regenerate(sd, rec, meta, path, req.quiet)
+    options, gen = _regenerate(sd, rec, meta, path, req.quiet, init_fields)
     results = {marked: compare(candidate, original) for marked, candidate in options.items()}
     marked = min(results, key=lambda m: (not results[m]["identical"], results[m]["mean_abs_diff"]))
     result, chosen = results[marked], options[marked]

@@ -69,6 +69,7 @@ class RunState:
     steps: int = 0  # sampler steps run, counted by the run (not by a progress bar, which -q disables)
     sampling_seconds: float = 0.0
     started: float = field(default_factory=time.perf_counter)
+    prog: str = "sd-txt2img"  # the command, for error lines
 
 
 def _stdout_to_devnull() -> None:
@@ -143,7 +144,7 @@ def summary(state: RunState, outdir: str, *, quiet: bool, as_json: bool, interru
 def fail(state: RunState, message: str, code: int, *, as_json: bool) -> int:
     """One line on stderr; with --json also the JSON report (with whatever was written before)."""
     rank = f"[rank {state.rank}] " if state.rank else ""  # torchrun: every rank's own error, rank 0's JSON
-    print(f"sd-txt2img: error: {rank}{one_line(message)}", file=sys.stderr)
+    print(f"{state.prog}: error: {rank}{one_line(message)}", file=sys.stderr)
     if as_json and not state.rank:
         print_json({"ok": False, "error": message, "images": state.images, "grid": state.grid})
     return code

@@ -4,7 +4,7 @@ A work item is one image of one batch. Its identity is the part of its `sd_cli` 
 decides its pixels (`KEY_FIELDS`): prompt, negative prompt, seed, position in the batch (batch_index,
 batch_size, n_samples: the rows of start noise drawn), steps, sampler, scale, eta, size, model hash,
 compute dtype, how the VAE decoded (whole, bands or tiles), whether the watermark was applied, and the
-LoRA and VAE files (by hash, with their weights). The device and
+LoRA and VAE files (by hash, with their weights), and the init image (by hash) with its strength. The device and
 the CPU thread count are not part of it: an image made on another machine with the same settings counts
 as done (its pixels may differ in the last bit).
 
@@ -70,10 +70,13 @@ KEY_FIELDS = (
     "seed_rule",
     "loras",
     "vae",
+    "init_image",
+    "strength",
+    "encode",
 )
 # Fields newer than some images: their value when a file does not have them (what made those images).
 KEY_DEFAULTS = {"prompt_syntax": "plain", "clip_skip": 1, "embeddings": {}, "scheduler": None, "s_noise": 1.0, "seed_rule": "batch",
-                "loras": [], "vae": None}
+                "loras": [], "vae": None, "init_image": None, "strength": None, "encode": None}
 _FLOAT_FIELDS = ("scale", "eta")
 _MAX_WARNINGS = 5
 

@@ -37,6 +37,8 @@ MAX_PROMPT_TOKENS = 7500  # 100 chunks of 75: far past any real prompt; bounds t
 MAX_IMAGES = 1_000_000  # images in one run (--n_iter x prompts): a year of 512x512 images on a CPU
 VAE_TILING = ("auto", "on", "tiles", "off")
 SEED_RULES = ("image", "batch")
+ENCODE_MODES = ("mean", "sample")
+DEFAULT_STRENGTH = 0.75  # CompVis img2img.py
 
 
 def resolve_sampling(sampler: str | None, steps: int | None, ddim_steps: int | None = None,
@@ -124,6 +126,10 @@ class Generation:
     seed_rule: str = "image"  # image: image m of the run has seed + m and its own generator (A1111);
     #                           batch: batch k has seed + k, one generator (images before the field)
     loras: tuple = ()  # the run's --lora files (sd_cli.run.loras.LoraRequest), for every prompt
+    init: object = None  # image to image: the init image (sd_cli.output.init_image.InitImage), or None
+    strength: float = DEFAULT_STRENGTH  # its denoising strength: 0 keeps it (through the VAE), 1 ignores it
+    encode: str = "mean"  # the init latent: the VAE posterior's mean, or a "sample" from it
+    resize: str | None = None  # how the init image was fitted to --W/--H (None: its own size, down to x8)
 
     def __post_init__(self) -> None:
         from sd_cli.sampling.samplers import get_sampler
@@ -157,6 +163,7 @@ class Generation:
             for i, text in enumerate((*self.prompts, self.negative_prompt)):
                 check_a1111(text, negative=i == len(self.prompts))
                 _check_length(text)
+        self._check_init()
         if not math.isfinite(self.scale):
             raise UsageError(f"--scale {self.scale}: must be a finite number")
         info = get_sampler(self.sampler)
@@ -171,6 +178,15 @@ class Generation:
                 raise UsageError(f"eta {self.eta} is not what {self.sampler} runs with; build with Generation.create")
         except UsageError as err:
             raise UsageError(f"--ddim_eta {self.eta}: {err}") from None
+
+    def _check_init(self) -> None:
+        if not isinstance(self.strength, (int, float)) or not 0.0 <= self.strength <= 1.0:
+            raise UsageError(f"--strength {self.strength}: must be between 0 and 1 (0 keeps the image, 1 ignores it)")
+        if self.encode not in ENCODE_MODES:
+            raise UsageError(f"--encode {self.encode}: choose one of {', '.join(ENCODE_MODES)}")
+        if self.init is not None and tuple(self.init.size) != (self.width, self.height):
+            raise UsageError(f"the init image is {self.init.size[0]}x{self.init.size[1]} but the run is "
+                             f"{self.width}x{self.height}")
 
     def _check_counts(self) -> None:
         """At most MAX_IMAGES images, and every batch's seed (seed + batch number) below 2**63."""

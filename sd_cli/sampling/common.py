@@ -99,18 +99,26 @@ def make_denoiser(eps_model: EpsModel, discrete: Tensor) -> Denoiser:
 
 
 def k_plan(
-    ac: Tensor, steps: object, scheduler: str, discard_penultimate: bool = False
+    ac: Tensor, steps: object, scheduler: str, discard_penultimate: bool = False, start: int = 0
 ) -> tuple[list[float], Tensor]:
     """(sigmas as floats, descending to 0, and the model's discrete sigmas (n,) f32) for a k-sampler.
 
     steps is checked against the model's n timesteps; scheduler is a `schedule.SCHEDULERS` name.
     For "karras" the list is exactly `schedule.karras_sigmas(steps, sigma_min, sigma_max)`, the
-    smallest / largest discrete sigma as in AUTOMATIC1111.
+    smallest / largest discrete sigma as in AUTOMATIC1111. `start` > 0 drops the list's first
+    `start` steps (image to image: the sampler begins at that noise level).
     """
     steps = schedule.check_steps(steps, ac.numel())
     discrete = schedule.sigmas_from_alphas_cumprod(ac)  # (n,) f32, ascending
-    sigmas = schedule.scheduler_sigmas(scheduler, steps, discrete, discard_penultimate)
-    return sigmas.tolist(), discrete
+    sigmas = schedule.scheduler_sigmas(scheduler, steps, discrete, discard_penultimate).tolist()
+    return sigmas[check_start(start, len(sigmas) - 1):], discrete
+
+
+def check_start(start: object, n_steps: int) -> int:
+    """A first step index in [0, n_steps - 1] (at least one step is left to run)."""
+    if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start < n_steps:
+        raise ValueError(f"start {start!r}: must be a whole number in [0, {n_steps - 1}]")
+    return start
 
 
 def ancestral_step(sigma: float, sigma_next: float, eta: float) -> tuple[float, float]:

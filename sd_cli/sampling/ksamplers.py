@@ -49,10 +49,11 @@ from sd_cli.sampling.noise import BrownianNoise, seed_of
 SQRT2_M1 = math.sqrt(2.0) - 1.0  # Karras' cap on the churn factor gamma
 
 
-def _setup(alphas_cumprod, steps, scheduler, default, discard=False):
-    """(sigmas as floats, discrete sigmas): checks alphas and steps; scheduler None = `default`."""
+def _setup(alphas_cumprod, steps, scheduler, default, discard=False, start=0):
+    """(sigmas as floats, discrete sigmas): checks alphas and steps; scheduler None = `default`; the
+    list begins at step `start` (image to image)."""
     ac = check_alphas(alphas_cumprod)
-    return k_plan(ac, steps, scheduler or default, discard)
+    return k_plan(ac, steps, scheduler or default, discard, start)
 
 
 # --- deterministic (churn aside): Euler, Heun, DPM2, LMS ------------------------------------
@@ -82,12 +83,12 @@ def _check_churn(s_churn, s_tmin, s_tmax):
 
 
 def _deterministic_loop(name, method, eps_model, x_T, alphas_cumprod, steps, eta, generator, callback,
-                        scheduler, s_noise, churn, default, discard=False):
+                        scheduler, s_noise, churn, default, discard=False, start=0):
     """The shared loop of Euler, Heun and DPM2: churn, then `method(x, sigma_hat, sigma_next, D, d)`."""
     check_eta(eta, name, supports_eta=False)
     s_noise = check_s_noise(s_noise, name, supports=True)
     s_churn, s_tmin, s_tmax = _check_churn(*churn)
-    sigmas, discrete = _setup(alphas_cumprod, steps, scheduler, default, discard)
+    sigmas, discrete = _setup(alphas_cumprod, steps, scheduler, default, discard, start)
     denoise = make_denoiser(eps_model, discrete)
     n = len(sigmas) - 1
     x = x_T * sigmas[0]
@@ -127,31 +128,31 @@ def _dpm2_step(x, s, s_next, denoise, d):
 def sample_euler(eps_model: EpsModel, x_T: Tensor, alphas_cumprod: Tensor, steps: int, *,
                  eta: float = 0.0, generator: Optional[torch.Generator] = None,
                  callback: Optional[StepCallback] = None, scheduler: Optional[str] = None,
-                 s_noise: float = 1.0, s_churn: float = 0.0, s_tmin: float = 0.0,
+                 s_noise: float = 1.0, start: int = 0, s_churn: float = 0.0, s_tmin: float = 0.0,
                  s_tmax: float = math.inf) -> Tensor:
     """Euler on the probability-flow ODE (Karras et al. 2022, Algorithm 2 without the Heun
     correction): x += d (sigma_next - sigma). First order; one UNet call per step. Default
     scheduler "normal". s_churn > 0 adds Karras' churn noise (drawn from `generator`)."""
     return _deterministic_loop("euler", _euler_step, eps_model, x_T, alphas_cumprod, steps, eta, generator,
-                               callback, scheduler, s_noise, (s_churn, s_tmin, s_tmax), "normal")
+                               callback, scheduler, s_noise, (s_churn, s_tmin, s_tmax), "normal", start=start)
 
 
 def sample_heun(eps_model: EpsModel, x_T: Tensor, alphas_cumprod: Tensor, steps: int, *,
                 eta: float = 0.0, generator: Optional[torch.Generator] = None,
                 callback: Optional[StepCallback] = None, scheduler: Optional[str] = None,
-                s_noise: float = 1.0, s_churn: float = 0.0, s_tmin: float = 0.0,
+                s_noise: float = 1.0, start: int = 0, s_churn: float = 0.0, s_tmin: float = 0.0,
                 s_tmax: float = math.inf) -> Tensor:
     """Heun's method (Karras et al. 2022, Algorithm 2): Euler predictor, slope re-evaluated at
     sigma_next, average of the two. Second order; 2 UNet calls per step, 1 on the last.
     Default scheduler "normal"."""
     return _deterministic_loop("heun", _heun_step, eps_model, x_T, alphas_cumprod, steps, eta, generator,
-                               callback, scheduler, s_noise, (s_churn, s_tmin, s_tmax), "normal")
+                               callback, scheduler, s_noise, (s_churn, s_tmin, s_tmax), "normal", start=start)
 
 
 def sample_dpm_2(eps_model: EpsModel, x_T: Tensor, alphas_cumprod: Tensor, steps: int, *,
                  eta: float = 0.0, generator: Optional[torch.Generator] = None,
                  callback: Optional[StepCallback] = None, scheduler: Optional[str] = None,
-                 s_noise: float = 1.0, s_churn: float = 0.0, s_tmin: float = 0.0,
+                 s_noise: float = 1.0, start: int = 0, s_churn: float = 0.0, s_tmin: float = 0.0,
                  s_tmax: float = math.inf) -> Tensor:
     """DPM2 (k-diffusion's DPM-Solver-2 flavoured midpoint method, Lu et al. 2022 / Karras et al.):
     Euler half-step to the log-midpoint, its slope for the full step. Second order; 2 UNet calls
@@ -159,7 +160,7 @@ def sample_dpm_2(eps_model: EpsModel, x_T: Tensor, alphas_cumprod: Tensor, steps
     (A1111 and ComfyUI), so `steps` steps end with sigma_{N-1} -> 0."""
     return _deterministic_loop("dpm_2", _dpm2_step, eps_model, x_T, alphas_cumprod, steps, eta, generator,
                                callback, scheduler, s_noise, (s_churn, s_tmin, s_tmax), "karras",
-                               discard=True)
+                               discard=True, start=start)
 
 
 def _lms_coefficient(order: int, sig: list[float], i: int, j: int) -> float:
@@ -176,14 +177,14 @@ def _lms_coefficient(order: int, sig: list[float], i: int, j: int) -> float:
 def sample_lms(eps_model: EpsModel, x_T: Tensor, alphas_cumprod: Tensor, steps: int, *,
                eta: float = 0.0, generator: Optional[torch.Generator] = None,
                callback: Optional[StepCallback] = None, scheduler: Optional[str] = None,
-               s_noise: float = 1.0, order: int = 4) -> Tensor:
+               s_noise: float = 1.0, start: int = 0, order: int = 4) -> Tensor:
     """Linear multistep (Adams-Bashforth in sigma, k-diffusion sample_lms, order 4): the slope d is
     interpolated by the polynomial through the last min(i+1, order) slopes and integrated exactly
     over [sigma_i, sigma_{i+1}]. Deterministic; one UNet call per step; the last step integrates
     to sigma = 0 (not just D). Default scheduler "normal"."""
     check_eta(eta, "lms", supports_eta=False)
     check_s_noise(s_noise, "lms", supports=False)
-    sigmas, discrete = _setup(alphas_cumprod, steps, scheduler, "normal")
+    sigmas, discrete = _setup(alphas_cumprod, steps, scheduler, "normal", start=start)
     denoise = make_denoiser(eps_model, discrete)
     n = len(sigmas) - 1
     x = x_T * sigmas[0]
@@ -202,10 +203,10 @@ def sample_lms(eps_model: EpsModel, x_T: Tensor, alphas_cumprod: Tensor, steps: 
 
 
 def _ancestral_setup(name, x_T, alphas_cumprod, steps, eta, generator, scheduler, s_noise,
-                     noise_sampler, default, discard=False):
+                     noise_sampler, default, discard=False, start=0):
     eta = check_eta(eta, name, supports_eta=True) or 1.0
     s_noise = check_s_noise(s_noise, name, supports=True)
-    sigmas, discrete = _setup(alphas_cumprod, steps, scheduler, default, discard)
+    sigmas, discrete = _setup(alphas_cumprod, steps, scheduler, default, discard, start)
     noise = noise_sampler or generator_noise(x_T, generator)
     return eta, s_noise, sigmas, discrete, noise
 
@@ -213,13 +214,13 @@ def _ancestral_setup(name, x_T, alphas_cumprod, steps, eta, generator, scheduler
 def sample_dpm_2_ancestral(eps_model: EpsModel, x_T: Tensor, alphas_cumprod: Tensor, steps: int, *,
                            eta: float = 0.0, generator: Optional[torch.Generator] = None,
                            callback: Optional[StepCallback] = None, scheduler: Optional[str] = None,
-                           s_noise: float = 1.0, noise_sampler: Optional[NoiseSampler] = None) -> Tensor:
+                           s_noise: float = 1.0, start: int = 0, noise_sampler: Optional[NoiseSampler] = None) -> Tensor:
     """DPM2 ancestral: the DPM2 step down to sigma_down, then s_noise * sigma_up * z (the ancestral
     split of `common.ancestral_step`; eta 1 standard). 2 UNet calls per step, 1 on the last.
     Default scheduler "karras", penultimate sigma discarded (A1111, ComfyUI)."""
     eta, s_noise, sigmas, discrete, noise = _ancestral_setup(
         "dpm_2_ancestral", x_T, alphas_cumprod, steps, eta, generator, scheduler, s_noise,
-        noise_sampler, "karras", discard=True)
+        noise_sampler, "karras", discard=True, start=start)
     denoise = make_denoiser(eps_model, discrete)
     n = len(sigmas) - 1
     x = x_T * sigmas[0]
@@ -238,7 +239,7 @@ def sample_dpm_2_ancestral(eps_model: EpsModel, x_T: Tensor, alphas_cumprod: Ten
 def sample_dpmpp_2s_ancestral(eps_model: EpsModel, x_T: Tensor, alphas_cumprod: Tensor, steps: int, *,
                               eta: float = 0.0, generator: Optional[torch.Generator] = None,
                               callback: Optional[StepCallback] = None, scheduler: Optional[str] = None,
-                              s_noise: float = 1.0,
+                              s_noise: float = 1.0, start: int = 0,
                               noise_sampler: Optional[NoiseSampler] = None) -> Tensor:
     """DPM-Solver++(2S) ancestral (Lu et al. 2022, Algorithm 1 with r = 1/2, k-diffusion variant).
     In lambda = -log(sigma), from sigma to sigma_down (h = log(sigma / sigma_down)):
@@ -248,7 +249,7 @@ def sample_dpmpp_2s_ancestral(eps_model: EpsModel, x_T: Tensor, alphas_cumprod: 
     the last. Default scheduler "karras" (A1111)."""
     eta, s_noise, sigmas, discrete, noise = _ancestral_setup(
         "dpmpp_2s_ancestral", x_T, alphas_cumprod, steps, eta, generator, scheduler, s_noise,
-        noise_sampler, "karras")
+        noise_sampler, "karras", start=start)
     denoise = make_denoiser(eps_model, discrete)
     n = len(sigmas) - 1
     x = x_T * sigmas[0]
@@ -274,10 +275,10 @@ def sample_dpmpp_2s_ancestral(eps_model: EpsModel, x_T: Tensor, alphas_cumprod: 
 
 
 def _sde_setup(name, x_T, alphas_cumprod, steps, eta, generator, scheduler, s_noise, noise_sampler,
-               default, discard=False):
+               default, discard=False, start=0):
     eta = check_eta(eta, name, supports_eta=True) or 1.0
     s_noise = check_s_noise(s_noise, name, supports=True)
-    sigmas, discrete = _setup(alphas_cumprod, steps, scheduler, default, discard)
+    sigmas, discrete = _setup(alphas_cumprod, steps, scheduler, default, discard, start)
     if noise_sampler is None and len(sigmas) > 2:  # one step (straight to 0) draws nothing
         noise_sampler = BrownianNoise.for_sigmas(x_T, sigmas, seed_of(generator))
     return eta, s_noise, sigmas, discrete, noise_sampler
@@ -303,13 +304,13 @@ def _dpmpp_sde_step(x, den, s, s_next, eta, s_noise, noise, denoise, r=0.5):
 def sample_dpmpp_sde(eps_model: EpsModel, x_T: Tensor, alphas_cumprod: Tensor, steps: int, *,
                      eta: float = 0.0, generator: Optional[torch.Generator] = None,
                      callback: Optional[StepCallback] = None, scheduler: Optional[str] = None,
-                     s_noise: float = 1.0, noise_sampler: Optional[NoiseSampler] = None) -> Tensor:
+                     s_noise: float = 1.0, start: int = 0, noise_sampler: Optional[NoiseSampler] = None) -> Tensor:
     """DPM-Solver++ SDE (k-diffusion sample_dpmpp_sde, r = 1/2): see `_dpmpp_sde_step`; an Euler
     step (x = D) on the last step. Brownian-tree noise. 2 UNet calls per step, 1 on the last.
     Default scheduler "karras"."""
     eta, s_noise, sigmas, discrete, noise = _sde_setup(
         "dpmpp_sde", x_T, alphas_cumprod, steps, eta, generator, scheduler, s_noise, noise_sampler,
-        "karras")
+        "karras", start=start)
     denoise = make_denoiser(eps_model, discrete)
     n = len(sigmas) - 1
     x = x_T * sigmas[0]
@@ -328,7 +329,7 @@ def sample_dpmpp_sde(eps_model: EpsModel, x_T: Tensor, alphas_cumprod: Tensor, s
 def sample_dpmpp_2m_sde(eps_model: EpsModel, x_T: Tensor, alphas_cumprod: Tensor, steps: int, *,
                         eta: float = 0.0, generator: Optional[torch.Generator] = None,
                         callback: Optional[StepCallback] = None, scheduler: Optional[str] = None,
-                        s_noise: float = 1.0, noise_sampler: Optional[NoiseSampler] = None) -> Tensor:
+                        s_noise: float = 1.0, start: int = 0, noise_sampler: Optional[NoiseSampler] = None) -> Tensor:
     """DPM-Solver++(2M) SDE, midpoint variant (k-diffusion sample_dpmpp_2m_sde; Lu et al. 2022).
     With h = log(sigma / sigma_next), eta_h = eta h:
         x = (sigma_next / sigma) e^(-eta_h) x - expm1(-h - eta_h) D
@@ -337,7 +338,7 @@ def sample_dpmpp_2m_sde(eps_model: EpsModel, x_T: Tensor, alphas_cumprod: Tensor
     and x = D on the last step. One UNet call per step. Default scheduler "exponential" (A1111)."""
     eta, s_noise, sigmas, discrete, noise = _sde_setup(
         "dpmpp_2m_sde", x_T, alphas_cumprod, steps, eta, generator, scheduler, s_noise, noise_sampler,
-        "exponential")
+        "exponential", start=start)
     denoise = make_denoiser(eps_model, discrete)
     n = len(sigmas) - 1
     x = x_T * sigmas[0]
@@ -368,7 +369,7 @@ def _phi2(h_eta: float) -> float:
 def sample_dpmpp_3m_sde(eps_model: EpsModel, x_T: Tensor, alphas_cumprod: Tensor, steps: int, *,
                         eta: float = 0.0, generator: Optional[torch.Generator] = None,
                         callback: Optional[StepCallback] = None, scheduler: Optional[str] = None,
-                        s_noise: float = 1.0, noise_sampler: Optional[NoiseSampler] = None) -> Tensor:
+                        s_noise: float = 1.0, start: int = 0, noise_sampler: Optional[NoiseSampler] = None) -> Tensor:
     """DPM-Solver++(3M) SDE (k-diffusion sample_dpmpp_3m_sde). With h = log(sigma / sigma_next) and
     h_eta = (1 + eta) h: x = e^(-h_eta) x - expm1(-h_eta) D, plus the 2nd/3rd-order corrections
     phi_2 d1 - phi_3 d2 from the last two denoised values (their divided differences in lambda),
@@ -376,7 +377,7 @@ def sample_dpmpp_3m_sde(eps_model: EpsModel, x_T: Tensor, alphas_cumprod: Tensor
     One UNet call per step. Default scheduler "exponential", penultimate sigma discarded (A1111)."""
     eta, s_noise, sigmas, discrete, noise = _sde_setup(
         "dpmpp_3m_sde", x_T, alphas_cumprod, steps, eta, generator, scheduler, s_noise, noise_sampler,
-        "exponential", discard=True)
+        "exponential", discard=True, start=start)
     denoise = make_denoiser(eps_model, discrete)
     n = len(sigmas) - 1
     x = x_T * sigmas[0]

@@ -29,6 +29,7 @@ from sd_cli.sampling.common import (
     EpsModel,
     StepCallback,
     check_alphas,
+    check_start,
     check_eta,
     check_own_grid,
     check_s_noise,
@@ -63,7 +64,7 @@ def _boundary(t: int) -> tuple[float, float]:
 def sample_lcm(eps_model: EpsModel, x_T: Tensor, alphas_cumprod: Tensor, steps: int, *,
                eta: float = 0.0, generator: Optional[torch.Generator] = None,
                callback: Optional[StepCallback] = None, scheduler: Optional[str] = None,
-               s_noise: float = 1.0, original_steps: int = ORIGINAL_STEPS) -> Tensor:
+               s_noise: float = 1.0, start: int = 0, original_steps: int = ORIGINAL_STEPS) -> Tensor:
     """LCM multistep sampling (module docstring). For LCM-distilled weights (an LCM-LoRA merged into
     the UNet), usually 4-8 steps at guidance 1-2; any other model gives blurry images. eta must
     be 0 (LCM always re-noises fully); scheduler None or "lcm"; s_noise 1."""
@@ -72,6 +73,7 @@ def sample_lcm(eps_model: EpsModel, x_T: Tensor, alphas_cumprod: Tensor, steps: 
     check_s_noise(s_noise, "lcm", supports=False)
     ac = check_alphas(alphas_cumprod)
     ts = lcm_timesteps(schedule.check_steps(steps, ac.numel()), ac.numel(), original_steps)
+    ts = ts[check_start(start, len(ts)):]
     a = ac.double()
     x = x_T
     for i, t in enumerate(ts):

@@ -24,6 +24,10 @@ Every sampler is
   their own grid and accept only None (or that grid's name, "uniform" / "lcm").
 * s_noise: factor on every fresh noise draw (A1111's "sigma noise"); 1.0 is the standard amount and
   the only value samplers that draw no noise accept.
+* start: image to image. The sampler builds its grid for `steps` as always, skips its first `start`
+  steps and runs the rest; x_T is then the latent already noised to the level of grid point `start`,
+  in the sampler's own convention (`start_level`): x / sigma for the k-samplers (which multiply by
+  their first sigma), x itself for DDIM, PLMS and LCM.
 The stochastic k-samplers also take noise_sampler(sigma, sigma_next) -> noise (None = the standard
 stream above), Euler/Heun/DPM2 Karras' churn (s_churn, s_tmin, s_tmax), LMS its order and LCM its
 original_steps; the CLI needs none of these.
@@ -50,6 +54,7 @@ from sd_cli.sampling.common import (  # noqa: F401  (EpsModel, StepCallback: re-
     StepCallback,
     ancestral_step,
     check_alphas as _check_alphas,
+    check_start,
     check_eta as _check_eta,
     check_own_grid,
     check_s_noise,
@@ -134,6 +139,7 @@ def sample_ddim(
     callback: Optional[StepCallback] = None,
     scheduler: Optional[str] = None,
     s_noise: float = 1.0,
+    start: int = 0,
 ) -> Tensor:
     """DDIM, Song, Meng & Ermon 2020 (arXiv:2010.02502), as CompVis DDIMSampler ("uniform").
 
@@ -149,6 +155,7 @@ def sample_ddim(
     check_s_noise(s_noise, "ddim", supports=False)
     ac = _check_alphas(alphas_cumprod)
     plan = _discrete_steps(ac, schedule.check_steps(steps, ac.numel()), eta)
+    plan = plan[check_start(start, len(plan)):]
     x = x_T
     for i, st in enumerate(plan):
         eps = _eval(eps_model, x, st.t)
@@ -170,6 +177,7 @@ def sample_plms(
     callback: Optional[StepCallback] = None,
     scheduler: Optional[str] = None,
     s_noise: float = 1.0,
+    start: int = 0,
 ) -> Tensor:
     """PLMS / PNDM, Liu et al. 2022 (arXiv:2202.09778), as CompVis PLMSSampler.
 
@@ -193,6 +201,7 @@ def sample_plms(
     del generator  # deterministic: never draws noise
     ac = _check_alphas(alphas_cumprod)
     plan = _discrete_steps(ac, schedule.check_steps(steps, ac.numel()), 0.0)
+    plan = plan[check_start(start, len(plan)):]
     x = x_T
     history: list[Tensor] = []  # eps of earlier steps, oldest first, at most 3
     for i, st in enumerate(plan):
@@ -228,6 +237,7 @@ def sample_dpmpp_2m(
     callback: Optional[StepCallback] = None,
     scheduler: Optional[str] = None,
     s_noise: float = 1.0,
+    start: int = 0,
 ) -> Tensor:
     """DPM-Solver++(2M), Lu et al. 2022 (arXiv:2211.01095, Algorithm 2), k-diffusion variant.
 
@@ -242,7 +252,7 @@ def sample_dpmpp_2m(
     check_s_noise(s_noise, "dpmpp_2m", supports=False)
     del generator
     ac = _check_alphas(alphas_cumprod)
-    sigmas, discrete = k_plan(ac, steps, scheduler or "karras")
+    sigmas, discrete = k_plan(ac, steps, scheduler or "karras", start=start)
     denoise = _make_denoiser(eps_model, discrete)
     n = len(sigmas) - 1
     x = x_T * sigmas[0]  # (B,C,h,w) VE start
@@ -276,6 +286,7 @@ def sample_euler_ancestral(
     callback: Optional[StepCallback] = None,
     scheduler: Optional[str] = None,
     s_noise: float = 1.0,
+    start: int = 0,
     noise_sampler: Optional[NoiseSampler] = None,
 ) -> Tensor:
     """Euler ancestral (k-diffusion sample_euler_ancestral; Karras et al. 2022 with the DDPM
@@ -292,7 +303,7 @@ def sample_euler_ancestral(
     the registry's legacy name "euler_a" runs it with "karras" (`sample_euler_a`).
     """
     return _euler_ancestral(eps_model, x_T, alphas_cumprod, steps, eta, generator, callback,
-                            scheduler or "normal", s_noise, noise_sampler)
+                            scheduler or "normal", s_noise, noise_sampler, start)
 
 
 def sample_euler_a(
@@ -306,20 +317,21 @@ def sample_euler_a(
     callback: Optional[StepCallback] = None,
     scheduler: Optional[str] = None,
     s_noise: float = 1.0,
+    start: int = 0,
     noise_sampler: Optional[NoiseSampler] = None,
 ) -> Tensor:
     """The registry's "euler_a" (images made before the scheduler choice record it): Euler ancestral
     with the Karras sigmas as default, bit for bit what "euler_a" always computed."""
     return _euler_ancestral(eps_model, x_T, alphas_cumprod, steps, eta, generator, callback,
-                            scheduler or "karras", s_noise, noise_sampler)
+                            scheduler or "karras", s_noise, noise_sampler, start)
 
 
 def _euler_ancestral(eps_model, x_T, alphas_cumprod, steps, eta, generator, callback, scheduler,
-                     s_noise, noise_sampler) -> Tensor:
+                     s_noise, noise_sampler, start=0) -> Tensor:
     eta = _check_eta(eta, "euler_a", supports_eta=True) or 1.0
     s_noise = check_s_noise(s_noise, "euler_ancestral", supports=True)
     ac = _check_alphas(alphas_cumprod)
-    sigmas, discrete = k_plan(ac, steps, scheduler)
+    sigmas, discrete = k_plan(ac, steps, scheduler, start=start)
     denoise = _make_denoiser(eps_model, discrete)
     noise = noise_sampler or generator_noise(x_T, generator)
     n = len(sigmas) - 1
@@ -482,3 +494,41 @@ def get_sampler(name: str) -> SamplerInfo:
     except (KeyError, TypeError):
         valid = ", ".join(SAMPLERS)
         raise UsageError(f"unknown sampler {name!r}; choose one of: {valid}") from None
+
+
+# --- image to image: where a sampler starts for a given strength ---------------------------------
+
+
+def denoising_steps(strength: float, steps: int) -> int:
+    """CompVis' t_enc = int(strength x steps): how many of the grid's steps image to image runs."""
+    return int(strength * steps)
+
+
+def img2img_start(info: SamplerInfo, x0: Tensor, noise: Tensor, alphas_cumprod: Tensor, steps: int,
+                  scheduler: Optional[str], t_enc: int) -> tuple[Tensor, int]:
+    """(x_T, start) for `info.fn(..., start=start)` so that it denoises the init latents x0 (B,4,h,w)
+    from the noise level matching t_enc, with `noise` (B,4,h,w) as the added noise (0 < t_enc < grid).
+
+    * ddim, plms (CompVis scripts/img2img.py: stochastic_encode to DDIM grid point t_enc, then decode
+      over the t_enc grid points below it): x_T = sqrt(a) x0 + sqrt(1 - a) noise at grid point t_enc
+      (counted from the bottom), then the last t_enc steps.
+    * lcm: the same noising at its timestep t_enc from the bottom, then the last t_enc steps.
+    * k-samplers (A1111's img2img): the sigma list for `steps`, from index n - t_enc - 1 (n = its steps):
+      x = x0 + sigma noise there, then the remaining t_enc + 1 steps; x_T = x / sigma, since a
+      k-sampler multiplies x_T by its first sigma.
+    """
+    ac = _check_alphas(alphas_cumprod)
+    steps = schedule.check_steps(steps, ac.numel())
+    if info.schedule == "uniform":
+        plan = _discrete_steps(ac, steps, 0.0)  # descending; plan[k] is grid point n - 1 - k
+        start = len(plan) - t_enc
+        level = plan[check_start(start - 1, len(plan))]
+        return level.sqrt_a * x0 + level.sqrt_one_minus_a * noise, start
+    if info.schedule == "lcm":
+        ts = lcm_timesteps(steps, ac.numel())
+        start = check_start(len(ts) - t_enc, len(ts))
+        a = float(ac.double()[ts[start]])
+        return math.sqrt(a) * x0 + math.sqrt(1 - a) * noise, start
+    sigmas, _ = k_plan(ac, steps, info.resolve_scheduler(scheduler), info.discard_penultimate)
+    start = check_start(max(len(sigmas) - 1 - t_enc - 1, 0), len(sigmas) - 1)
+    return x0 / sigmas[start] + noise, start

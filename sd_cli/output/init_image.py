@@ -94,7 +94,7 @@ def load_init_image(path: str | Path, width: int | None = None, height: int | No
         with Image.open(io.BytesIO(data)) as im:
             w, h = im.size
             if w * h > MAX_PIXELS:
-                raise UsageError(f"--init-img {path}: {w}x{h} pixels, more than {MAX_PIXELS:,} (4096x4096); "
+                raise UsageError(f"--init-img {path}: {w}x{h} is more than {MAX_PIXELS:,} pixels (4096x4096); "
                                  "make it smaller first")
             im.load()
             im = ImageOps.exif_transpose(im)
@@ -103,7 +103,10 @@ def load_init_image(path: str | Path, width: int | None = None, height: int | No
             pixels = np.asarray(rgb, dtype=np.uint8).copy()
     except UsageError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+    except Image.DecompressionBombError:  # Pillow's own limit (far above ours), also before decoding
+        raise UsageError(f"--init-img {path}: more than {MAX_PIXELS:,} pixels (4096x4096); make it smaller first"
+                         ) from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
         raise UsageError(f"--init-img {path}: not a readable image ({str(err).splitlines()[0][:80] or type(err).__name__})"
                          ) from None
     return InitImage(str(path), hashlib.sha256(data).hexdigest(), source, pixels)

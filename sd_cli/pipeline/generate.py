@@ -46,11 +46,13 @@ class Pipeline:
         vae_tiling: str = "auto",
         embeddings=None,
         ckpt=None,
+        ckpt_stamp=None,
     ):
-        """`ckpt`: the checkpoint file the model was loaded from (LoRA changes re-read its layers)."""
+        """`ckpt`: the checkpoint file the model was loaded from (LoRA changes re-read its layers) and its
+        `merge.file_stamp` from before loading (a file replaced since is refused)."""
         self.model = model
         self.device = device
-        self.ckpt = ckpt
+        self.ckpt, self.ckpt_stamp = ckpt, ckpt_stamp
         self._patcher = None
         self.tokenizer = get_tokenizer()
         self.embeddings = embeddings  # textual inversion (sd_cli.weights.embeddings.EmbeddingSet) or None
@@ -69,7 +71,7 @@ class Pipeline:
 
             if self.ckpt is None:
                 raise SdCliError("LoRAs need the checkpoint file the model was loaded from")
-            self._patcher = Patcher(self.model, self.ckpt)
+            self._patcher = Patcher(self.model, self.ckpt, self.ckpt_stamp)
         if self._patcher.apply(uses):
             self._uncond_cache.clear()  # the text encoder may have changed
 
@@ -204,7 +206,7 @@ class Pipeline:
         mean ("mean", deterministic) or a draw from it ("sample": one row of noise from each image's
         generator, after its start noise). Pixels go to [-1, 1] as CompVis' load_img: x / 255 * 2 - 1."""
         vae = self.model.first_stage_model
-        x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).to(torch.float32) / 255.0
+        x = torch.from_numpy(np.array(pixels, dtype=np.uint8)).permute(0, 3, 1, 2).to(torch.float32) / 255.0
         x = (2.0 * x - 1.0).to(self.device, vae.quant_conv.weight.dtype)  # (B, 3, H, W)
         mean, logvar = vae.encode_moments(x)  # (B, 4, h, w) each
         z = mean.float()

@@ -104,7 +104,7 @@ class StableDiffusion:
         sd = cls(Runtime(path, config, demo, device, dtype, None, threads, vae_tiling, vae=as_path(vae),
                          lora_dir=as_path(lora_dir)))
         sd.set_loras(loras)
-        sd.pipeline()
+        sd.pipeline().set_loras(sd.lora_uses(sd.default_loras))  # merged now, as part of loading
         return sd
 
     @property
@@ -127,15 +127,17 @@ class StableDiffusion:
         if self._pipe is None:
             from sd_cli.pipeline.generate import Pipeline
             from sd_cli.weights import loading
+            from sd_cli.weights.merge import file_stamp
 
             t0 = time.perf_counter()
+            stamp = file_stamp(self.runtime.ckpt)
             on = f"{self.device}, {self.threads} threads" if self.threads else str(self.device)
             self.log.info(f"loading {self.runtime.ckpt} ({self.dtype_name}, {self.dtype_choice.reason}; on {on}) ...")
             model = loading.load_model(self.config.model, self.runtime.ckpt, device=self.device,
                                        dtype=self.dtype_choice.dtype, vae=self.runtime.vae)
             self.log.info(f"model loaded in {time.perf_counter() - t0:.1f} s (hash {self.model_hash})")
             self._pipe = Pipeline(model, self.device, on_warning=self.log.warn, vae_tiling=self.runtime.vae_tiling,
-                                  embeddings=self.embeddings, ckpt=self.runtime.ckpt)
+                                  embeddings=self.embeddings, ckpt=self.runtime.ckpt, ckpt_stamp=stamp)
         return self._pipe
 
     def base_metadata(self, gen: Generation) -> dict:
@@ -178,6 +180,13 @@ class StableDiffusion:
     def lora_set(self, gen: Generation, prompt: str):
         """The LoRAs of one prompt's images, read and checked, in merge order."""
         return self.loras.resolve(self.loras.requests(gen.loras, prompt, gen.prompt_syntax))
+
+    def lora_uses(self, flags: tuple, gen: Generation | None = None, prompt: str = "") -> list:
+        """The merge list (sd_cli.weights.merge.LoraUse) of `flags` plus `prompt`'s tags under `gen`."""
+        from sd_cli.weights.merge import LoraUse
+
+        resolved = self.loras.resolve(self.loras.requests(flags, prompt, gen.prompt_syntax if gen else "plain"))
+        return [LoraUse(r.file, r.request.te, r.request.unet) for r in resolved]
 
     def check_loras(self, gen: Generation) -> None:
         """Every prompt's LoRA tags name a file, and every file fits this model: before any image."""
@@ -225,7 +234,6 @@ class StableDiffusion:
 
         from sd_cli.output.watermark import apply_watermark
         from sd_cli.pipeline.generate import initial_noise
-        from sd_cli.weights.merge import LoraUse
 
         if item.seeds:  # seed rule "image": one generator per image, its noise drawn from it alone
             generator = [torch.Generator("cpu").manual_seed(s) for s in item.seeds]
@@ -236,7 +244,7 @@ class StableDiffusion:
             noise = initial_noise(generator, gen.n_samples, gen.latent_channels, gen.height, gen.width,
                                   gen.factor)[: len(item.prompts)]
         pipe = self.pipeline()
-        pipe.set_loras([LoraUse(r.file, r.request.te, r.request.unet) for r in self.lora_set(gen, item.prompts[0])])
+        pipe.set_loras(self.lora_uses(gen.loras, gen, item.prompts[0]))
         init, t_enc = _init_latents(pipe, gen, len(item.prompts), generator)
         images = pipe.generate(
             list(item.prompts), noise, negative_prompt=gen.negative_prompt,

@@ -99,6 +99,15 @@ def _check_text(flag: str, text: str) -> None:
         raise UsageError(f"{flag}: not valid text (a NUL or undecodable bytes from the terminal?)")
 
 
+def _lora_key(prompt: str, syntax: str) -> tuple:
+    """What decides a prompt's LoRA set (its tags; plain text has none)."""
+    if syntax != "a1111" or "<" not in prompt:
+        return ()
+    from sd_cli.pipeline.prompt_syntax import extra_networks
+
+    return tuple(sorted((t.name, t.te, t.unet) for t in extra_networks(prompt)[1]))
+
+
 @dataclass(frozen=True)
 class Generation:
     """What to generate: prompts, sampling, size, count and seeds; everything that decides the pixels."""
@@ -188,9 +197,24 @@ class Generation:
             raise UsageError(f"the init image is {self.init.size[0]}x{self.init.size[1]} but the run is "
                              f"{self.width}x{self.height}")
 
+    def batches(self) -> list[tuple[str, ...]]:
+        """The batches of one iteration. A batch never mixes LoRA sets: consecutive file prompts with the
+        same `<lora:...>` tags share batches of up to n_samples; a prompt with other tags starts a new one."""
+        if not self.from_file:
+            return [tuple(self.prompts[:1]) * self.n_samples]
+        out: list[list[str]] = []
+        last = None
+        for prompt in self.prompts:
+            key = _lora_key(prompt, self.prompt_syntax)
+            if not out or len(out[-1]) == self.n_samples or key != last:
+                out.append([])
+            out[-1].append(prompt)
+            last = key
+        return [tuple(b) for b in out]
+
     def _check_counts(self) -> None:
         """At most MAX_IMAGES images, and every batch's seed (seed + batch number) below 2**63."""
-        per_iter = -(-len(self.prompts) // self.n_samples) if self.from_file else 1
+        per_iter = len(self.batches()) if self.from_file and self.seed_rule == "batch" else 1
         batches = self.n_iter * per_iter
         images = self.n_iter * (len(self.prompts) if self.from_file else self.n_samples)
         if self.seed_rule == "image":  # the last seed is that of the last image (of the first batch: fixed)

@@ -31,28 +31,8 @@ class WorkItem:
 
 
 def batches(gen: Generation) -> list[tuple[str, ...]]:
-    """The batches of one iteration. A batch never mixes LoRA sets: consecutive file prompts with the
-    same `<lora:...>` tags share batches of up to n_samples; a prompt with other tags starts a new batch."""
-    if not gen.from_file:
-        return [tuple(gen.prompts[:1]) * gen.n_samples]
-    out: list[list[str]] = []
-    last = None
-    for prompt in gen.prompts:
-        key = _lora_key(prompt, gen.prompt_syntax)
-        if not out or len(out[-1]) == gen.n_samples or key != last:
-            out.append([])
-        out[-1].append(prompt)
-        last = key
-    return [tuple(b) for b in out]
-
-
-def _lora_key(prompt: str, syntax: str) -> tuple:
-    """What decides a prompt's LoRA set (its tags; plain text has none)."""
-    if syntax != "a1111" or "<" not in prompt:
-        return ()
-    from sd_cli.pipeline.prompt_syntax import extra_networks
-
-    return tuple(sorted((t.name, t.te, t.unet) for t in extra_networks(prompt)[1]))
+    """The batches of one iteration (`Generation.batches`)."""
+    return gen.batches()
 
 
 class WorkPlan(Sequence):

@@ -127,7 +127,7 @@ def _lokr(f: dict, alpha: float | None):
         w2 = _tucker(f["t2"], f["w2b"], f["w2a"]) if "t2" in f else f["w2a"] @ f["w2b"]
     if w2.dim() == 4:
         w1 = w1.reshape(*w1.shape, 1, 1)
-    return torch.kron(w1, w2), (alpha / rank if alpha is not None and rank is not None else 1.0)
+    return torch.kron(w1.contiguous(), w2.contiguous()), (alpha / rank if alpha is not None and rank is not None else 1.0)
 
 
 def _natural_shape(kind: str, f: dict[str, torch.Tensor]) -> tuple[int, ...] | None:
@@ -183,9 +183,11 @@ def _lokr_shape(s: dict[str, tuple[int, ...]]) -> tuple[int, ...] | None:
 
 
 def _fits(natural: tuple[int, ...], target: tuple[int, ...]) -> bool:
-    """dW of shape `natural` can be this layer's: the same, or a linear form of a 1x1 conv (either way)."""
+    """dW of shape `natural` can be this layer's: the same, a linear form of a 1x1 conv (either way), or
+    (out, in*kh*kw) for a conv (LyCORIS' LoHa/LoKr store conv factors flattened)."""
     strip = lambda s: s[:2] if len(s) == 4 and s[2:] == (1, 1) else s  # noqa: E731
-    return natural == target or strip(natural) == strip(target)
+    flat = len(target) == 4 and natural == (target[0], target[1] * target[2] * target[3])
+    return natural == target or strip(natural) == strip(target) or flat
 
 
 def _split(key: str) -> tuple[str, str] | None:
@@ -300,6 +302,9 @@ def _adapters(path: Path, target: str, g: dict, shapes: dict[str, tuple[int, ...
 
 
 def _checked(path: Path, module: str, target: str, kind: str, factors: dict, alpha, shapes) -> Adapter:
+    empty = [r for r, t in factors.items() if t.numel() == 0]
+    if empty:
+        raise CheckpointError(f"LoRA {path}: {module} {empty[0]} is empty (shape {tuple(factors[empty[0]].shape)})")
     natural = _natural_shape(kind, factors)
     want = shapes.get(target)
     if want is None:

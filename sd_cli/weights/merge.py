@@ -52,7 +52,8 @@ def merged_weight(base: torch.Tensor, parts: list[tuple[Adapter, float]], device
     return acc
 
 
-def _stamp(path: Path) -> tuple[int, int]:
+def file_stamp(path: Path) -> tuple[int, int]:
+    """(size, mtime_ns): a file that changes on disk gets another stamp."""
     st = os.stat(path)
     return st.st_size, st.st_mtime_ns
 
@@ -60,20 +61,21 @@ def _stamp(path: Path) -> tuple[int, int]:
 class Patcher:
     """Keeps a model's weights equal to checkpoint + the current LoRA set (`apply`)."""
 
-    def __init__(self, model: torch.nn.Module, ckpt: Path, read=None):
+    def __init__(self, model: torch.nn.Module, ckpt: Path, stamp: tuple[int, int] | None = None, read=None):
+        """`stamp`: the checkpoint's `file_stamp` from before it was loaded (default: now)."""
         from sd_cli.weights.checkpoint import read_state_dict
 
         self.model, self.ckpt = model, Path(ckpt)
         self._read = read or read_state_dict
         self._source: dict[str, torch.Tensor] | None = None
-        self._stamp = _stamp(self.ckpt)
+        self._stamp = stamp if stamp is not None else file_stamp(self.ckpt)
         # weight key -> its merged [(adapter, weight)]; holding the adapters keeps their ids unique
         self.applied: dict[str, list[tuple[Adapter, float]]] = {}
 
     def _file(self) -> dict[str, torch.Tensor]:
         """The checkpoint's tensors (memory-mapped; opened on the first change, kept while the model lives)."""
         if self._source is None:
-            if _stamp(self.ckpt) != self._stamp:
+            if file_stamp(self.ckpt) != self._stamp:
                 raise CheckpointError(f"checkpoint {self.ckpt} changed on disk since it was loaded; load it again "
                                       "before changing LoRAs")
             self._source = self._read(self.ckpt)

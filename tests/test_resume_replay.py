@@ -54,7 +54,8 @@ OTHER = {"prompt": "a dog", "negative_prompt": "blurry", "seed": 43, "batch_inde
          "s_noise": 0.9, "seed_rule": "image",
          "loras": [{"name": "style", "sha256": "ab" * 32, "te_weight": 0.8, "unet_weight": 0.8}],
          "vae": {"name": "vae.safetensors", "sha256": "cd" * 32},
-         "init_image": {"sha256": "ef" * 32, "width": 64, "height": 64}, "strength": 0.5, "encode": "mean"}  # (from prompt_syntax on: absent in META,
+         "init_image": {"sha256": "ef" * 32, "width": 64, "height": 64}, "strength": 0.5, "encode": "mean",
+         "subseed": 7, "subseed_strength": 0.3}  # (from prompt_syntax on: absent in META,
 #                                                                     which means their defaults)
 
 

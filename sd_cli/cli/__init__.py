@@ -26,13 +26,14 @@ GENERATION_DESTS = frozenset({
     "prompt", "negative_prompt", "from_file", "laion400m", "sampler", "plms", "dpm_solver", "ddim_steps", "steps",
     "ddim_eta", "scale", "seed", "fixed_code", "H", "W", "C", "f", "n_samples", "n_iter", "n_rows",
     "skip_grid", "skip_save", "no_watermark", "resume", "prompt_syntax", "clip_skip", "params", "strict_params",
-    "scheduler", "s_noise", "lora", "strength", "encode", "resize",
+    "scheduler", "s_noise", "lora", "strength", "encode", "resize", "subseed", "subseed_strength",
 })
 # --params keyword -> the flags that, given on the command line, win over the infotext's value.
 PARAMS_FLAGS = {"prompt": ("prompt",), "negative_prompt": ("negative_prompt",), "steps": ("steps", "ddim_steps"),
                 "scale": ("scale",), "seed": ("seed",), "width": ("W",), "height": ("H",),
                 "sampler": ("sampler", "plms", "dpm_solver", "ddim_steps"), "clip_skip": ("clip_skip",),
-                "eta": ("ddim_eta",), "n_samples": ("n_samples",), "scheduler": ("scheduler", "sampler")}
+                "eta": ("ddim_eta",), "n_samples": ("n_samples",), "scheduler": ("scheduler", "sampler"),
+                "subseed": ("subseed",), "subseed_strength": ("subseed_strength",)}
 
 
 def given_options(argv: list[str] | None, command: str = "txt2img") -> dict[str, str]:
@@ -136,7 +137,8 @@ def settings(args: argparse.Namespace, given: dict | None = None):
         width=args.W, negative_prompt=args.negative_prompt, seed=args.seed, fixed_code=args.fixed_code,
         latent_channels=args.C, factor=args.f, n_samples=args.n_samples, n_iter=args.n_iter,
         watermark=not args.no_watermark, prompt_syntax=args.prompt_syntax, clip_skip=args.clip_skip,
-        scheduler=args.scheduler, s_noise=args.s_noise, loras=tuple(args.lora),
+        scheduler=args.scheduler, s_noise=args.s_noise, loras=tuple(args.lora), subseed=args.subseed,
+        subseed_strength=args.subseed_strength,
     )
     if args.params is not None:
         kwargs = _from_params(args, given or {}, kwargs)

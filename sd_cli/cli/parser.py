@@ -192,6 +192,11 @@ def _sampling(p: argparse.ArgumentParser, names: list[str], sampler_lines: str) 
                    help="seed of the first image (default: %(default)s). As in A1111, image m of the run (all "
                         "batches and iterations, in order) has seed + m and its own noise, so any image can be "
                         "made again alone with --seed S --n_samples 1; its seed is written into its PNG")
+    g.add_argument("--subseed", type=int, default=None, metavar="S",
+                   help="A1111's variation seed: with --subseed-strength X, each image's start noise is "
+                        "slerp(X, noise(its seed), noise(S)), a variation of the same picture")
+    g.add_argument("--subseed-strength", "--subseed_strength", dest="subseed_strength", type=float, default=0.0,
+                   metavar="X", help="how far toward the variation seed's noise, 0..1 (default: %(default)s)")
     g.add_argument("--fixed_code", "--fixed-code", action="store_true",
                    help="give every batch and iteration the first batch's seeds, so the same start noise")
 

@@ -167,6 +167,8 @@ def a1111_text(meta: dict, schedule: str) -> str:
         "Schedule type": SCHEDULER_LABELS.get(meta.get("scheduler") or schedule),
         "VAE hash": meta["vae"]["a1111_hash"] if meta.get("vae") else None,
         "VAE": meta["vae"]["name"] if meta.get("vae") else None,
+        "Variation seed": meta.get("subseed") if meta.get("subseed_strength") else None,
+        "Variation seed strength": meta.get("subseed_strength") or None,
         "Denoising strength": meta["strength"] if meta.get("init_image") else None,
         "Clip skip": meta["clip_skip"] if meta.get("clip_skip", 1) > 1 else None,
         "Lora hashes": lora_hashes(meta["loras"]) if meta.get("loras") else None,

@@ -33,6 +33,21 @@ def initial_noise(
     return torch.randn((batch, channels, height // factor, width // factor), generator=generator, dtype=torch.float32)
 
 
+def slerp(val: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """A1111's variation-seed mix of two noise tensors (C, h, w) -> (1, C, h, w): spherical
+    interpolation with the vectors taken along dim 1 (as A1111 does on one image's (C, h, w) noise);
+    where they are nearly parallel (mean cosine > 0.9995) A1111's linear fallback low*val + high*(1-val)."""
+    low_n = low / torch.norm(low, dim=1, keepdim=True)
+    high_n = high / torch.norm(high, dim=1, keepdim=True)
+    dot = (low_n * high_n).sum(1)  # (C, w)
+    if dot.mean() > 0.9995:
+        return (low * val + high * (1 - val)).unsqueeze(0)
+    omega = torch.acos(dot)
+    so = torch.sin(omega)
+    res = (torch.sin((1.0 - val) * omega) / so).unsqueeze(1) * low + (torch.sin(val * omega) / so).unsqueeze(1) * high
+    return res.unsqueeze(0)
+
+
 class Pipeline:
     #: NaN guard: check each step's latents at once (None: only on the CPU, where it costs nothing; on a
     #: GPU the per-step flags stay on the device and are read once after the loop, no sync per step).

@@ -166,6 +166,7 @@ class StableDiffusion:
             "clip_skip": gen.clip_skip,
             **({"vae": self.vae_record()} if self.runtime.vae is not None else {}),
             **(_init_fields(gen) if gen.init is not None else {}),
+            **({"subseed": gen.subseed, "subseed_strength": gen.subseed_strength} if gen.subseed_strength else {}),
             "sd_cli_version": __version__,
         }
 
@@ -233,12 +234,14 @@ class StableDiffusion:
         import torch
 
         from sd_cli.output.watermark import apply_watermark
-        from sd_cli.pipeline.generate import initial_noise
+        from sd_cli.pipeline.generate import initial_noise, slerp
 
         if item.seeds:  # seed rule "image": one generator per image, its noise drawn from it alone
             generator = [torch.Generator("cpu").manual_seed(s) for s in item.seeds]
             noise = torch.cat([initial_noise(g, 1, gen.latent_channels, gen.height, gen.width, gen.factor)
                                for g in generator])
+            if gen.subseed_strength > 0:  # A1111's variation seed: toward the subseed's noise
+                noise = torch.cat([slerp(gen.subseed_strength, row, _variation_noise(gen)) for row in noise])
         else:  # seed rule "batch": the batch's n_samples rows of noise, a smaller batch takes the first
             generator = torch.Generator("cpu").manual_seed(item.seed)
             noise = initial_noise(generator, gen.n_samples, gen.latent_channels, gen.height, gen.width,
@@ -269,6 +272,16 @@ class StableDiffusion:
         item = self.plan(gen)[0]
         schedule = get_sampler(gen.sampler).schedule
         return [_pil(img, a1111_text(meta, schedule), meta) for img, meta in zip(self.render(gen, item), item.metas)]
+
+
+def _variation_noise(gen: Generation):
+    """The variation seed's start noise (C, h, w), drawn as an image of that seed would draw it."""
+    import torch
+
+    from sd_cli.pipeline.generate import initial_noise
+
+    g = torch.Generator("cpu").manual_seed(gen.subseed)
+    return initial_noise(g, 1, gen.latent_channels, gen.height, gen.width, gen.factor)[0]
 
 
 def _init_fields(gen: Generation) -> dict:

@@ -2,10 +2,10 @@
 itself), for the flags the command line does not give.
 
 Read: prompt, negative prompt, Steps, Sampler (with Schedule type), CFG scale, Seed, Size, Clip skip,
-Eta DDIM, Batch size. Fields that only describe the image (Model hash, Model, Version, Batch pos, TI
-hashes, Token count) are not settings. Any other field (Hires fix, Denoising strength, ENSD, Variation
-seed, a sampler this tool lacks, ...) is named in a warning, or is an error under --strict-params: never
-silently ignored.
+Eta DDIM, Batch size, Variation seed and its strength. Fields that only describe the image (Model hash,
+Model, Version, Batch pos, TI hashes, Lora hashes, Token count) are not settings. Any other field (Hires
+fix, Denoising strength, ENSD, a sampler this tool lacks, ...) is named in a warning, or is an error
+under --strict-params: never silently ignored.
 """
 
 from __future__ import annotations
@@ -89,7 +89,8 @@ def settings_from_infotext(text: str) -> tuple[dict, list[str]]:
             if scheduler is not None and get_sampler(sampler).schedule in SCHEDULERS:  # (not an own grid)
                 out["scheduler"] = scheduler
     for key, name, kind in (("Clip skip", "clip_skip", int), ("Eta DDIM", "eta", float),
-                            ("Batch size", "n_samples", int)):
+                            ("Batch size", "n_samples", int), ("Variation seed", "subseed", int),
+                            ("Variation seed strength", "subseed_strength", float)):
         if key in fields:
             value = fields.pop(key)
             try:

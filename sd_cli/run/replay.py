@@ -288,6 +288,9 @@ def _regenerate(sd, rec: Recorded, meta: dict, path: Path, quiet: bool, init_fie
             or rule not in ("image", "batch"):
         raise ReplayError(f"{path}: its sd_cli metadata has a malformed prompt_syntax, clip_skip, s_noise or "
                           "seed_rule")
+    subseed, sub_strength = meta.get("subseed"), meta.get("subseed_strength", 0.0)
+    if not (subseed is None or type(subseed) is int) or type(sub_strength) not in (int, float):
+        raise ReplayError(f"{path}: its sd_cli metadata has a malformed subseed or subseed_strength")
     first = rec.seed - rec.batch_index if rule == "image" else rec.seed  # the batch's seeds count up
     if first < 0:
         raise ReplayError(f"{path}: its sd_cli metadata cannot be replayed: seed {rec.seed} at batch position "
@@ -299,7 +302,8 @@ def _regenerate(sd, rec: Recorded, meta: dict, path: Path, quiet: bool, init_fie
                          fixed_code=meta.get("fixed_code") is True, watermark=False,
                          prompt_syntax=syntax, clip_skip=clip_skip,  # absent: the text as it is, as made
                          scheduler=_recorded_scheduler(meta, rec.sampler), s_noise=float(s_noise),
-                         seed_rule=rule, loras=recorded_loras(meta, path), **init_fields)
+                         seed_rule=rule, loras=recorded_loras(meta, path), **init_fields,
+                         subseed=subseed, subseed_strength=float(sub_strength))
     except UsageError as err:
         raise ReplayError(f"{path}: its sd_cli metadata cannot be replayed: {err}") from None
     sd.check_loras(gen)  # the prompt's <lora:...> names are found before the model loads

@@ -135,6 +135,8 @@ class Generation:
     seed_rule: str = "image"  # image: image m of the run has seed + m and its own generator (A1111);
     #                           batch: batch k has seed + k, one generator (images before the field)
     loras: tuple = ()  # the run's --lora files (sd_cli.run.loras.LoraRequest), for every prompt
+    subseed: int | None = None  # A1111's variation seed ...
+    subseed_strength: float = 0.0  # ... and how far the start noise goes toward its noise (slerp)
     init: object = None  # image to image: the init image (sd_cli.output.init_image.InitImage), or None
     strength: float = DEFAULT_STRENGTH  # its denoising strength: 0 keeps it (through the VAE), 1 ignores it
     encode: str = "mean"  # the init latent: the VAE posterior's mean, or a "sample" from it
@@ -173,6 +175,7 @@ class Generation:
                 check_a1111(text, negative=i == len(self.prompts))
                 _check_length(text)
         self._check_init()
+        self._check_variation()
         if not math.isfinite(self.scale):
             raise UsageError(f"--scale {self.scale}: must be a finite number")
         info = get_sampler(self.sampler)
@@ -187,6 +190,17 @@ class Generation:
                 raise UsageError(f"eta {self.eta} is not what {self.sampler} runs with; build with Generation.create")
         except UsageError as err:
             raise UsageError(f"--ddim_eta {self.eta}: {err}") from None
+
+    def _check_variation(self) -> None:
+        x = self.subseed_strength
+        if not isinstance(x, (int, float)) or not 0.0 <= x <= 1.0:
+            raise UsageError(f"--subseed-strength {x}: must be between 0 and 1")
+        if self.subseed is not None and not 0 <= self.subseed < SEED_LIMIT:
+            raise UsageError(f"--subseed {self.subseed}: must be between 0 and 2**63-1")
+        if x > 0 and self.subseed is None:
+            raise UsageError("--subseed-strength: give the variation seed too (--subseed S)")
+        if x > 0 and self.seed_rule != "image":
+            raise UsageError("variation seeds need the per-image seed rule")
 
     def _check_init(self) -> None:
         if not isinstance(self.strength, (int, float)) or not 0.0 <= self.strength <= 1.0:

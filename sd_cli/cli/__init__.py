@@ -27,6 +27,7 @@ GENERATION_DESTS = frozenset({
     "ddim_eta", "scale", "seed", "fixed_code", "H", "W", "C", "f", "n_samples", "n_iter", "n_rows",
     "skip_grid", "skip_save", "no_watermark", "resume", "prompt_syntax", "clip_skip", "params", "strict_params",
     "scheduler", "s_noise", "lora", "strength", "encode", "resize", "subseed", "subseed_strength",
+    "hr_scale", "hr_upscaler", "hr_steps", "denoising_strength",
 })
 # --params keyword -> the flags that, given on the command line, win over the infotext's value.
 PARAMS_FLAGS = {"prompt": ("prompt",), "negative_prompt": ("negative_prompt",), "steps": ("steps", "ddim_steps"),
@@ -144,6 +145,11 @@ def settings(args: argparse.Namespace, given: dict | None = None):
         kwargs = _from_params(args, given or {}, kwargs)
     if args.command == "img2img":
         kwargs = _img2img(args, kwargs, demo)
+    elif args.hr_scale is not None:
+        kwargs.update(hr_scale=args.hr_scale, hr_upscaler=args.hr_upscaler, hr_steps=args.hr_steps,
+                      hr_strength=args.denoising_strength)
+    elif args.hr_steps is not None or args.denoising_strength is not None:
+        raise UsageError("--hr-steps and --denoising-strength are for the hires fix: add --hr-scale")
     prompt = kwargs.pop("prompt")
     prompts = read_prompt_file(args.from_file) if args.from_file else [prompt]
     gen = Generation.create(prompts, demo=demo, from_file=bool(args.from_file), **kwargs)

@@ -92,11 +92,28 @@ def build_parser(command: str = "txt2img") -> argparse.ArgumentParser:
         _image_to_image(p)
     _sampling(p, names, sampler_lines)
     _size_and_count(p, *((2, 1) if img2img else (3, 2)))  # CompVis' defaults of each script
+    if not img2img:
+        _hires(p)
     _model_and_device(p)
     _output(p, command)
     _check_an_image(p)
     p.set_defaults(command=command)
     return p
+
+
+def _hires(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("hires fix (A1111's)")
+    g.add_argument("--hr-scale", "--hr_scale", dest="hr_scale", type=float, default=None, metavar="F",
+                   help="render at --W x --H, then again at F times that size (image to image from the first "
+                        "pass): more detail than sampling large directly, e.g. 2 for 512 -> 1024")
+    g.add_argument("--hr-upscaler", "--hr_upscaler", dest="hr_upscaler", default="latent",
+                   choices=("latent", "latent-nearest", "lanczos"),
+                   help="how the first pass is enlarged: latent (bilinear, A1111's 'Latent'), latent-nearest, "
+                        "or lanczos (decode, resize the pixels, encode) (default: %(default)s)")
+    g.add_argument("--hr-steps", "--hr_steps", dest="hr_steps", type=int, default=None,
+                   help="sampler steps of the second pass (default: --steps)")
+    g.add_argument("--denoising-strength", "--denoising_strength", dest="denoising_strength", type=float,
+                   default=None, help="how much the second pass changes, 0..1 (default: 0.7 latent, 0.5 lanczos)")
 
 
 def _image_to_image(p: argparse.ArgumentParser) -> None:

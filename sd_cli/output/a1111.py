@@ -30,6 +30,7 @@ _A1111_PARSE_KEY_RE = re.compile(r"\s*(\w[\w \-/]*?)\s*:[ \t]*")
 _NEGATIVE_RE = re.compile(r"(?:^|\n)Negative prompt:")
 _SIZE_RE = re.compile(r"(\d+)x(\d+)")
 _JSON_DECODER = json.JSONDecoder()
+HR_LABELS = {"latent": "Latent", "latent-nearest": "Latent (nearest-exact)", "lanczos": "Lanczos"}  # A1111's
 
 
 def _a1111_value(value: Any) -> str:
@@ -169,8 +170,12 @@ def a1111_text(meta: dict, schedule: str) -> str:
         "VAE": meta["vae"]["name"] if meta.get("vae") else None,
         "Variation seed": meta.get("subseed") if meta.get("subseed_strength") else None,
         "Variation seed strength": meta.get("subseed_strength") or None,
-        "Denoising strength": meta["strength"] if meta.get("init_image") else None,
+        "Denoising strength": meta["strength"] if meta.get("init_image") else (meta["hires"]["strength"]
+                                                                                if meta.get("hires") else None),
         "Clip skip": meta["clip_skip"] if meta.get("clip_skip", 1) > 1 else None,
+        "Hires upscale": meta["hires"]["scale"] if meta.get("hires") else None,
+        "Hires steps": meta["hires"]["steps"] if meta.get("hires") else None,
+        "Hires upscaler": HR_LABELS.get(meta["hires"]["upscaler"]) if meta.get("hires") else None,
         "Lora hashes": lora_hashes(meta["loras"]) if meta.get("loras") else None,
         "TI hashes": ", ".join(f"{k}: {v}" for k, v in meta["embeddings"].items()) if meta.get("embeddings") else None,
         "Eta DDIM": meta["eta"] if meta["sampler"] == "ddim" and meta["eta"] else None,

@@ -123,7 +123,13 @@ class Pipeline:
 
 
     @torch.inference_mode()
-    def generate(
+    def generate(self, prompts: list[str], noise: torch.Tensor, **settings) -> np.ndarray:
+        """Images (B, H, W, 3) uint8 for B prompts from start noise (B, 4, H/8, W/8): `latents`, then
+        `decode`."""
+        return self.decode(self.latents(prompts, noise, **settings))
+
+    @torch.inference_mode()
+    def latents(
         self,
         prompts: list[str],
         noise: torch.Tensor,
@@ -141,10 +147,10 @@ class Pipeline:
         s_noise: float = 1.0,
         init: torch.Tensor | None = None,
         t_enc: int = 0,
-    ) -> np.ndarray:
-        """Images (B, H, W, 3) uint8 for B prompts from start noise (B, 4, H/8, W/8). Image to image:
-        `init` (B, 4, H/8, W/8) scaled latents and `t_enc` denoising steps (`samplers.img2img_start`);
-        t_enc 0 decodes `init` as it is."""
+    ) -> torch.Tensor:
+        """Sampled latents (B, 4, H/8, W/8) float32 for B prompts from start noise (B, 4, H/8, W/8). Image
+        to image: `init` (B, 4, H/8, W/8) scaled latents and `t_enc` denoising steps
+        (`samplers.img2img_start`); t_enc 0 returns `init` as it is."""
         batch = len(prompts)
         if noise.shape[0] != batch:
             raise ValueError(f"noise batch {noise.shape[0]} != {batch} prompts")
@@ -160,17 +166,16 @@ class Pipeline:
 
         # 3. Denoising loop from the seeded start latents (kept in float32 between steps).
         if init is not None and t_enc == 0:
-            latents = init.to(self.device, torch.float32)  # strength 0: the image through the VAE
-        else:
-            latents = self._denoise(eps_model, noise, sampler, steps, eta, generator, callback, scheduler, s_noise,
-                                    init, t_enc)
+            return init.to(self.device, torch.float32)  # strength 0: the image through the VAE
+        return self._denoise(eps_model, noise, sampler, steps, eta, generator, callback, scheduler, s_noise,
+                             init, t_enc)
 
-        # 4. Decode latents to pixels; refuse to write black/NaN images (never silently).
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """Latents (B, 4, h, w) -> images (B, 8h, 8w, 3) uint8; refuses to give black/NaN images."""
         pixels = self.decoder(latents)  # (B, 3, H, W) in about [-1, 1]
         if not torch.isfinite(pixels).all():
             raise SdCliError(f"the VAE decode produced non-finite pixels (NaN/inf); {self._nan_hint()}")
-
-        # 5. To uint8 (rounded).
         return to_uint8(pixels)
 
     def _denoise(self, eps_model, noise, sampler, steps, eta, generator, callback, scheduler, s_noise,

@@ -167,6 +167,9 @@ class StableDiffusion:
             **({"vae": self.vae_record()} if self.runtime.vae is not None else {}),
             **(_init_fields(gen) if gen.init is not None else {}),
             **({"subseed": gen.subseed, "subseed_strength": gen.subseed_strength} if gen.subseed_strength else {}),
+            **({"hires": {"scale": gen.hr_scale, "upscaler": gen.hr_upscaler, "steps": gen.hr_steps or gen.steps,
+                          "strength": gen.hr_denoise, "width": gen.out_size[0], "height": gen.out_size[1]}}
+               if gen.hr_scale else {}),
             "sd_cli_version": __version__,
         }
 
@@ -230,31 +233,22 @@ class StableDiffusion:
         return WorkPlan(gen, self.base_metadata(gen), lambda prompt: self.describe(gen, prompt))
 
     def render(self, gen: Generation, item: WorkItem, on_step: StepCallback | None = None) -> list[np.ndarray]:
-        """The images (H, W, 3) uint8 of one work item: seed, then noise, then generate, then watermark."""
-        import torch
-
+        """The images (H, W, 3) uint8 of one work item: seed, then noise, then sample (and the hires pass),
+        then decode, then watermark."""
         from sd_cli.output.watermark import apply_watermark
-        from sd_cli.pipeline.generate import initial_noise, slerp
 
-        if item.seeds:  # seed rule "image": one generator per image, its noise drawn from it alone
-            generator = [torch.Generator("cpu").manual_seed(s) for s in item.seeds]
-            noise = torch.cat([initial_noise(g, 1, gen.latent_channels, gen.height, gen.width, gen.factor)
-                               for g in generator])
-            if gen.subseed_strength > 0:  # A1111's variation seed: toward the subseed's noise
-                noise = torch.cat([slerp(gen.subseed_strength, row, _variation_noise(gen)) for row in noise])
-        else:  # seed rule "batch": the batch's n_samples rows of noise, a smaller batch takes the first
-            generator = torch.Generator("cpu").manual_seed(item.seed)
-            noise = initial_noise(generator, gen.n_samples, gen.latent_channels, gen.height, gen.width,
-                                  gen.factor)[: len(item.prompts)]
+        generator, noise = _start_noise(gen, item, gen.width, gen.height)
         pipe = self.pipeline()
         pipe.set_loras(self.lora_uses(gen.loras, gen, item.prompts[0]))
         init, t_enc = _init_latents(pipe, gen, len(item.prompts), generator)
-        images = pipe.generate(
-            list(item.prompts), noise, negative_prompt=gen.negative_prompt,
-            sampler=gen.sampler, steps=gen.steps, scale=gen.scale, eta=gen.eta, generator=generator,
-            callback=on_step, prompt_syntax=gen.prompt_syntax, clip_skip=gen.clip_skip,
-            scheduler=gen.scheduler, s_noise=gen.s_noise, init=init, t_enc=t_enc,
-        )
+        common = dict(negative_prompt=gen.negative_prompt, sampler=gen.sampler, scale=gen.scale, eta=gen.eta,
+                      callback=on_step, prompt_syntax=gen.prompt_syntax, clip_skip=gen.clip_skip,
+                      scheduler=gen.scheduler, s_noise=gen.s_noise)
+        latents = pipe.latents(list(item.prompts), noise, steps=gen.steps, generator=generator, init=init,
+                               t_enc=t_enc, **common)  # (B, 4, H/8, W/8)
+        if gen.hr_scale:
+            latents = _hires_pass(pipe, gen, item, latents, common)  # (B, 4, H'/8, W'/8)
+        images = pipe.decode(latents)
         return [apply_watermark(img) if gen.watermarked else img for img in images]
 
     def txt2img(self, prompt: str, *, seed: int = DEFAULT_SEED, n: int = 1, **settings) -> list:
@@ -272,6 +266,50 @@ class StableDiffusion:
         item = self.plan(gen)[0]
         schedule = get_sampler(gen.sampler).schedule
         return [_pil(img, a1111_text(meta, schedule), meta) for img, meta in zip(self.render(gen, item), item.metas)]
+
+
+def _start_noise(gen: Generation, item: WorkItem, width: int, height: int):
+    """(generator(s), start noise (B, 4, height/8, width/8)) of one item. Seed rule "image": one generator
+    per image, its noise drawn from it alone (with a variation seed: slerp toward that seed's noise);
+    "batch": the batch's n_samples rows of noise from one generator, a smaller batch takes the first."""
+    import torch
+
+    from sd_cli.pipeline.generate import initial_noise, slerp
+
+    shape = (gen.latent_channels, height, width, gen.factor)
+    if item.seeds:
+        generator = [torch.Generator("cpu").manual_seed(s) for s in item.seeds]
+        noise = torch.cat([initial_noise(g, 1, *shape) for g in generator])
+        if gen.subseed_strength > 0:
+            noise = torch.cat([slerp(gen.subseed_strength, row, _variation_noise(gen)) for row in noise])
+        return generator, noise
+    generator = torch.Generator("cpu").manual_seed(item.seed)
+    return generator, initial_noise(generator, gen.n_samples, *shape)[: len(item.prompts)]
+
+
+def _hires_pass(pipe, gen: Generation, item: WorkItem, latents, common: dict):
+    """A1111's hires fix: the first pass's latents upscaled (in latent space, or decoded, resized with
+    Lanczos and encoded again), then image to image at that size with the hires strength and steps, from
+    fresh noise of each image's own seed at the new size (as A1111 draws it)."""
+    import torch.nn.functional as F
+
+    from sd_cli.sampling.samplers import denoising_steps
+
+    width, height = gen.out_size
+    size = (height // gen.factor, width // gen.factor)
+    if gen.hr_upscaler == "lanczos":
+        from PIL import Image
+
+        small = pipe.decode(latents)  # (B, H, W, 3) uint8
+        big = np.stack([np.asarray(Image.fromarray(im).resize((width, height), Image.LANCZOS)) for im in small])
+        up = pipe.encode_images(big)
+    else:
+        mode = "nearest-exact" if gen.hr_upscaler == "latent-nearest" else "bilinear"
+        up = F.interpolate(latents, size=size, mode=mode, **({"antialias": False} if mode == "bilinear" else {}))
+    generator, noise = _start_noise(gen, item, width, height)
+    steps = gen.hr_steps or gen.steps
+    return pipe.latents(list(item.prompts), noise, steps=steps, generator=generator, init=up,
+                        t_enc=denoising_steps(gen.hr_denoise, steps), **common)
 
 
 def _variation_noise(gen: Generation):

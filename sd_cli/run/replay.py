@@ -254,6 +254,19 @@ def _engine(req: ReplayRequest, runtime, rec: Recorded, meta: dict, log):
     return sd
 
 
+def recorded_hires(meta: dict, path: Path) -> dict:
+    """The hires-fix fields of the image, as Generation keywords ({} without a hires pass)."""
+    hr = meta.get("hires")
+    if hr is None:
+        return {}
+    ok = isinstance(hr, dict) and type(hr.get("scale")) in (int, float) and type(hr.get("steps")) is int \
+        and type(hr.get("strength")) in (int, float) and isinstance(hr.get("upscaler"), str)
+    if not ok:
+        raise ReplayError(f"{path}: its sd_cli metadata has a malformed hires record")
+    return {"hr_scale": float(hr["scale"]), "hr_upscaler": hr["upscaler"], "hr_steps": hr["steps"],
+            "hr_strength": float(hr["strength"])}
+
+
 def _check_vae(req: ReplayRequest, runtime, meta: dict, log) -> None:
     """The image's --vae (by hash) is the one given now; neither, or both the same (--force: a warning)."""
     from sd_cli.weights.checkpoint import file_hash
@@ -303,7 +316,7 @@ def _regenerate(sd, rec: Recorded, meta: dict, path: Path, quiet: bool, init_fie
                          prompt_syntax=syntax, clip_skip=clip_skip,  # absent: the text as it is, as made
                          scheduler=_recorded_scheduler(meta, rec.sampler), s_noise=float(s_noise),
                          seed_rule=rule, loras=recorded_loras(meta, path), **init_fields,
-                         subseed=subseed, subseed_strength=float(sub_strength))
+                         subseed=subseed, subseed_strength=float(sub_strength), **recorded_hires(meta, path))
     except UsageError as err:
         raise ReplayError(f"{path}: its sd_cli metadata cannot be replayed: {err}") from None
     sd.check_loras(gen)  # the prompt's <lora:...> names are found before the model loads
@@ -380,9 +393,11 @@ def replay(req: ReplayRequest, runtime, state) -> int:
     path = req.image
     text, meta, original = read_image(path)
     rec = parse_recorded(meta, path)
-    if original.shape != (rec.height, rec.width, 3):
+    hr = meta.get("hires") if isinstance(meta.get("hires"), dict) else {}
+    want = (hr.get("height", rec.height), hr.get("width", rec.width), 3)
+    if original.shape != want:
         raise ReplayError(f"--replay {path}: the image is {original.shape[1]}x{original.shape[0]} but its metadata "
-                          f"says {rec.width}x{rec.height} (resized or cropped since?)")
+                          f"says {want[1]}x{want[0]} (resized or cropped since?)")
     if req.write_dir is not None:
         from sd_cli.output.png import ensure_writable_dir
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from sd_cli.demo import DEMO_CKPT, DEMO_CONFIG, GUIDANCE, SIZE, demo_available
 from sd_cli.errors import UsageError
 from sd_cli.pipeline.conditioning import SYNTAXES
+from sd_cli.output.a1111 import HR_LABELS
 from sd_cli.pipeline.prompt_syntax import check_a1111
 from sd_cli.weights.config import DEFAULT_CONFIG
 from sd_cli.weights.dtypes import DTYPE_CHOICES
@@ -38,6 +39,15 @@ MAX_IMAGES = 1_000_000  # images in one run (--n_iter x prompts): a year of 512x
 VAE_TILING = ("auto", "on", "tiles", "off")
 SEED_RULES = ("image", "batch")
 ENCODE_MODES = ("mean", "sample")
+# --hr-upscaler -> (A1111's label, how): latent upscales the latents (A1111's "Latent" is bilinear without
+# antialiasing), lanczos decodes, resizes with Pillow and encodes again.
+HR_UPSCALERS = HR_LABELS
+HR_STRENGTH = {"latent": 0.7, "latent-nearest": 0.7, "lanczos": 0.5}
+
+
+def hires_size(width: int, height: int, scale: float) -> tuple[int, int]:
+    """The hires pass's (width, height): scale times the first pass's, down to a multiple of 8."""
+    return int(width * scale) // 8 * 8, int(height * scale) // 8 * 8
 DEFAULT_STRENGTH = 0.75  # CompVis img2img.py
 
 
@@ -137,6 +147,10 @@ class Generation:
     loras: tuple = ()  # the run's --lora files (sd_cli.run.loras.LoraRequest), for every prompt
     subseed: int | None = None  # A1111's variation seed ...
     subseed_strength: float = 0.0  # ... and how far the start noise goes toward its noise (slerp)
+    hr_scale: float | None = None  # hires fix: a second pass at this many times the size (> 1) ...
+    hr_upscaler: str = "latent"  # ... from the first pass upscaled so (HR_UPSCALERS) ...
+    hr_steps: int | None = None  # ... with this many steps (None: steps) ...
+    hr_strength: float | None = None  # ... and this denoising strength (None: 0.7 latent, 0.5 lanczos)
     init: object = None  # image to image: the init image (sd_cli.output.init_image.InitImage), or None
     strength: float = DEFAULT_STRENGTH  # its denoising strength: 0 keeps it (through the VAE), 1 ignores it
     encode: str = "mean"  # the init latent: the VAE posterior's mean, or a "sample" from it
@@ -176,6 +190,7 @@ class Generation:
                 _check_length(text)
         self._check_init()
         self._check_variation()
+        self._check_hires()
         if not math.isfinite(self.scale):
             raise UsageError(f"--scale {self.scale}: must be a finite number")
         info = get_sampler(self.sampler)
@@ -190,6 +205,32 @@ class Generation:
                 raise UsageError(f"eta {self.eta} is not what {self.sampler} runs with; build with Generation.create")
         except UsageError as err:
             raise UsageError(f"--ddim_eta {self.eta}: {err}") from None
+
+    @property
+    def out_size(self) -> tuple[int, int]:
+        """(width, height) of the images written: the hires pass's size, or --W x --H."""
+        return hires_size(self.width, self.height, self.hr_scale) if self.hr_scale else (self.width, self.height)
+
+    @property
+    def hr_denoise(self) -> float:
+        return self.hr_strength if self.hr_strength is not None else HR_STRENGTH.get(self.hr_upscaler, 0.7)
+
+    def _check_hires(self) -> None:
+        if self.hr_scale is None:
+            return
+        if not isinstance(self.hr_scale, (int, float)) or not 1.0 < self.hr_scale <= 8.0:
+            raise UsageError(f"--hr-scale {self.hr_scale}: must be more than 1 (2 doubles the size) and at most 8")
+        if self.hr_upscaler not in HR_UPSCALERS:
+            raise UsageError(f"--hr-upscaler {self.hr_upscaler}: choose one of {', '.join(HR_UPSCALERS)}")
+        if self.hr_steps is not None and not 1 <= self.hr_steps <= 1000:
+            raise UsageError(f"--hr-steps {self.hr_steps}: must be between 1 and 1000")
+        if not 0.0 <= self.hr_denoise <= 1.0:
+            raise UsageError(f"--denoising-strength {self.hr_denoise}: must be between 0 and 1")
+        w, h = self.out_size
+        if w * h > MAX_PIXELS:
+            raise UsageError(f"--hr-scale {self.hr_scale}: {w}x{h} is larger than 4096x4096")
+        if self.init is not None or self.seed_rule != "image":
+            raise UsageError("--hr-scale is for text to image (with per-image seeds)")
 
     def _check_variation(self) -> None:
         x = self.subseed_strength
@@ -279,7 +320,8 @@ class Generation:
         """Whether the images carry the watermark: asked for, and big enough for imwatermark."""
         from sd_cli.output.watermark import can_watermark
 
-        return self.watermark and can_watermark(self.height, self.width)
+        width, height = self.out_size
+        return self.watermark and can_watermark(height, width)
 
 
 @dataclass(frozen=True)

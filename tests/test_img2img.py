@@ -326,3 +326,69 @@ def test_w_without_h_is_refused(micro, tmp_path, capsys):
 def test_init_image_is_required(micro, tmp_path, capsys):
     assert img2img(micro_argv(micro, tmp_path / "out")) == 2
     assert "--init-img IMAGE: sd-img2img needs the image" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------
+# Inpainting with an ordinary checkpoint (--mask)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_masked_eps_model_keeps_x0_where_the_mask_keeps():
+    from sd_cli.pipeline.inpaint import masked_eps_model
+
+    ac = torch.linspace(0.999, 0.01, 1000, dtype=torch.float32)
+    model = lambda x, t: 0.3 * x + 0.1  # noqa: E731  any eps-model
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([500.0, 123.4])
+    init = torch.randn(2, 4, 8, 8)
+    repaint = torch.zeros(1, 1, 8, 8)
+    repaint[..., :4] = 1  # the left half is repainted
+    eps = masked_eps_model(model, init, repaint, ac)(x, t)
+    sigma = schedule.t_to_sigma(t, schedule.sigmas_from_alphas_cumprod(ac))
+    a = (1 / (1 + sigma**2)).float().view(-1, 1, 1, 1)
+    x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+    plain_x0 = (x - (1 - a).sqrt() * model(x, t)) / a.sqrt()
+    torch.testing.assert_close(x0[..., 4:], init[..., 4:], rtol=1e-4, atol=1e-4)  # kept: the init's x0
+    torch.testing.assert_close(x0[..., :4], plain_x0[..., :4], rtol=1e-4, atol=1e-4)  # repainted: the model's
+
+
+def test_demo_inpaint_keeps_the_unmasked_part(red_circle, tmp_path, capsys):
+    mask = tmp_path / "left.png"
+    m = Image.new("L", (64, 64), 0)
+    m.paste(255, (0, 0, 32, 64))
+    m.save(mask)
+    out = tmp_path / "inp"
+    argv = ["--prompt", "a red circle on a yellow background", "--init-img", str(red_circle), "--mask", str(mask),
+            "--strength", "0.8", "--n_samples", "1", "--outdir", str(out), "--skip_grid", "-q", "--threads", "1",
+            "--steps", "20"]
+    assert img2img(argv) == 0
+    path = out / "samples" / "00000.png"
+    got, before = pixels(path), pixels(red_circle)
+    assert np.abs(got[:, 43:] - before[:, 43:]).max() <= 2  # the right third: the original's pixels
+    assert np.abs(got[:, :16] - before[:, :16]).mean() > 30  # the left is repainted
+    # (The demo model, trained on one background colour per picture, paints the left near white rather
+    # than yellow: README "Image to image".)
+    record, text = meta(path)
+    assert record["mask"]["blur"] == 4 and record["mask"]["fill"] == "original" and "Mask blur: 4" in text
+    assert img2img(["--replay", str(path), "--init-img", str(red_circle), "--mask", str(mask), "-q"]) == 0
+    assert "identical" in capsys.readouterr().out
+    assert img2img(["--replay", str(path), "--init-img", str(red_circle), "-q"]) == 1
+    assert "give it as --mask" in capsys.readouterr().err
+
+
+def test_mask_problems(micro, tmp_path, capsys):
+    good = tmp_path / "good.png"
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(good)
+    black = tmp_path / "black.png"
+    Image.new("L", (64, 64), 0).save(black)
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"nope")
+    for mask, message in ((black, "it is all black"), (junk, "--mask")):
+        assert img2img([*micro_argv(micro, tmp_path / "out"), "--init-img", str(good), "--mask", str(mask)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+        assert not (tmp_path / "out").exists()
+    small = tmp_path / "small.png"
+    Image.new("L", (16, 16), 255).save(small)
+    assert img2img([*micro_argv(micro, tmp_path / "ok"), "--init-img", str(good), "--mask", str(small)]) == 0
+    assert "resized to the image" in capsys.readouterr().err
+    assert main([*micro_argv(micro, tmp_path / "t2i"), "--mask", str(small)]) == 2  # not a txt2img flag

@@ -27,7 +27,7 @@ GENERATION_DESTS = frozenset({
     "ddim_eta", "scale", "seed", "fixed_code", "H", "W", "C", "f", "n_samples", "n_iter", "n_rows",
     "skip_grid", "skip_save", "no_watermark", "resume", "prompt_syntax", "clip_skip", "params", "strict_params",
     "scheduler", "s_noise", "lora", "strength", "encode", "resize", "subseed", "subseed_strength",
-    "hr_scale", "hr_upscaler", "hr_steps", "denoising_strength",
+    "hr_scale", "hr_upscaler", "hr_steps", "denoising_strength", "mask_blur", "inpaint_fill",
 })
 # --params keyword -> the flags that, given on the command line, win over the infotext's value.
 PARAMS_FLAGS = {"prompt": ("prompt",), "negative_prompt": ("negative_prompt",), "steps": ("steps", "ddim_steps"),
@@ -89,7 +89,16 @@ def _img2img(args: argparse.Namespace, kwargs: dict, demo: bool) -> dict:
     sized = args.W is not None
     init = load_init_image(args.init_img, args.W, args.H, args.resize)
     named = args.sampler or args.plms or args.dpm_solver or kwargs.get("sampler")
-    return {**kwargs, "init": init, "width": init.size[0], "height": init.size[1],
+    mask = None
+    if args.mask is not None:
+        from sd_cli.output.init_image import load_mask
+
+        mask = load_mask(args.mask, init.size)
+        if mask.resized:
+            print(f"warning: --mask {args.mask} is not {init.size[0]}x{init.size[1]}; resized to the image",
+                  file=sys.stderr)
+    return {**kwargs, "init": init, "width": init.size[0], "height": init.size[1], "mask": mask,
+            "mask_blur": args.mask_blur, "fill": args.inpaint_fill,
             "strength": DEFAULT_STRENGTH if args.strength is None else args.strength, "encode": args.encode,
             "resize": args.resize if sized else None, "sampler": named or "ddim",
             "scale": kwargs["scale"] if kwargs["scale"] is not None or demo else 5.0}
@@ -170,9 +179,9 @@ def replay_settings(args: argparse.Namespace, argv: list[str] | None):
     runtime = Runtime(ckpt, config, demo, args.device, args.dtype, args.precision, args.threads,
                       embeddings=_embeddings(args), **_add_ons(args))
     write_dir = Path(args.outdir) / "samples" if "outdir" in given else None
-    init = getattr(args, "init_img", None)
+    init, mask = getattr(args, "init_img", None), getattr(args, "mask", None)
     return ReplayRequest(Path(args.replay), args.force, write_dir, args.vae_tiling, args.json, args.quiet,
-                         Path(init) if init is not None else None), runtime
+                         Path(init) if init is not None else None, Path(mask) if mask is not None else None), runtime
 
 
 def main(argv: list[str] | None = None, command: str = "txt2img") -> int:

@@ -128,6 +128,14 @@ def _image_to_image(p: argparse.ArgumentParser) -> None:
     g.add_argument("--encode", choices=("mean", "sample"), default="mean",
                    help="the init latent: the VAE posterior's mean (deterministic) or a sample from it, drawn from "
                         "the image's seed (default: %(default)s)")
+    g.add_argument("--mask", metavar="IMAGE", default=None,
+                   help="inpaint: white repaints, black keeps (resized to the image, with a warning, if another "
+                        "size); the kept pixels stay the original's")
+    g.add_argument("--mask-blur", "--mask_blur", dest="mask_blur", type=int, default=4,
+                   help="blur of the mask's edge in pixels, as A1111 (default: %(default)s)")
+    g.add_argument("--inpaint-fill", "--inpaint_fill", dest="inpaint_fill", default="original",
+                   choices=("original", "latent noise", "latent nothing"),
+                   help="what the repainted area starts from (A1111's 'masked content'; default: %(default)s)")
     g.add_argument("--resize", choices=("crop", "fill", "stretch"), default="crop",
                    help="with --W and --H: fit the image by scaling to cover and cropping the middle (crop), "
                         "scaling to fit on white (fill), or ignoring its aspect ratio (stretch) (default: "

@@ -172,6 +172,7 @@ def a1111_text(meta: dict, schedule: str) -> str:
         "Variation seed strength": meta.get("subseed_strength") or None,
         "Denoising strength": meta["strength"] if meta.get("init_image") else (meta["hires"]["strength"]
                                                                                 if meta.get("hires") else None),
+        "Mask blur": meta["mask"]["blur"] if meta.get("mask") else None,
         "Clip skip": meta["clip_skip"] if meta.get("clip_skip", 1) > 1 else None,
         "Hires upscale": meta["hires"]["scale"] if meta.get("hires") else None,
         "Hires steps": meta["hires"]["steps"] if meta.get("hires") else None,

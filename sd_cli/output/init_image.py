@@ -112,13 +112,57 @@ def load_init_image(path: str | Path, width: int | None = None, height: int | No
     return InitImage(str(path), hashlib.sha256(data).hexdigest(), source, pixels)
 
 
-def _read(path: Path) -> bytes:
+def _read(path: Path, flag: str = "--init-img") -> bytes:
     try:
         size = path.stat().st_size
     except OSError as err:
-        raise UsageError(f"--init-img {path}: {err.strerror or err}") from None
+        raise UsageError(f"{flag} {path}: {err.strerror or err}") from None
     if not path.is_file():
-        raise UsageError(f"--init-img {path}: not a file")
+        raise UsageError(f"{flag} {path}: not a file")
     if size > MAX_FILE_BYTES:
-        raise UsageError(f"--init-img {path}: {size:,} bytes, more than {MAX_FILE_BYTES:,}")
+        raise UsageError(f"{flag} {path}: {size:,} bytes, more than {MAX_FILE_BYTES:,}")
     return path.read_bytes()
+
+
+@dataclass(frozen=True, eq=False)
+class MaskImage:
+    """An inpainting mask: white repaints, black keeps; (H, W) uint8 at the init image's size."""
+
+    file: str
+    sha256: str
+    pixels: np.ndarray = field(repr=False)  # (H, W) uint8
+    resized: bool = False  # it was another size and was resized to the image's
+
+
+def load_mask(path: str | Path, size: tuple[int, int]) -> MaskImage:
+    """The mask at `path` as a grey (H, W) uint8 of the image's `size` (width, height); transparency
+    counts as black (keep). A mask of another size is resized (Lanczos; `resized` says so for a
+    warning). A mask with nothing white (no pixel >= 128) is an error: there would be nothing to do."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        data = _read(path, "--mask")
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+            if w * h > MAX_PIXELS:
+                raise UsageError(f"--mask {path}: {w}x{h} is more than {MAX_PIXELS:,} pixels (4096x4096)")
+            im.load()
+            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+                rgba = im.convert("RGBA")
+                im = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
+            grey = _to_rgb(im).convert("L")
+            resized = grey.size != tuple(size)
+            if resized:
+                grey = grey.resize(tuple(size), Image.LANCZOS)
+            pixels = np.asarray(grey, dtype=np.uint8).copy()
+    except UsageError:
+        raise
+    except Image.DecompressionBombError:
+        raise UsageError(f"--mask {path}: more than {MAX_PIXELS:,} pixels (4096x4096)") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        raise UsageError(f"--mask {path}: not a readable image ({str(err).splitlines()[0][:80] or type(err).__name__})"
+                         ) from None
+    if not (pixels >= 128).any():
+        raise UsageError(f"--mask {path}: it is all black, so nothing would be repainted (white marks what to change)")
+    return MaskImage(str(path), hashlib.sha256(data).hexdigest(), pixels, resized)

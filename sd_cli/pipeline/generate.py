@@ -147,10 +147,12 @@ class Pipeline:
         s_noise: float = 1.0,
         init: torch.Tensor | None = None,
         t_enc: int = 0,
+        inpaint: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Sampled latents (B, 4, H/8, W/8) float32 for B prompts from start noise (B, 4, H/8, W/8). Image
         to image: `init` (B, 4, H/8, W/8) scaled latents and `t_enc` denoising steps
-        (`samplers.img2img_start`); t_enc 0 returns `init` as it is."""
+        (`samplers.img2img_start`); t_enc 0 returns `init` as it is. Inpainting: `inpaint` = (the init
+        latents to keep (B, 4, h, w), the repaint mask (1, 1, h, w)) (`inpaint.masked_eps_model`)."""
         batch = len(prompts)
         if noise.shape[0] != batch:
             raise ValueError(f"noise batch {noise.shape[0]} != {batch} prompts")
@@ -167,8 +169,14 @@ class Pipeline:
         # 3. Denoising loop from the seeded start latents (kept in float32 between steps).
         if init is not None and t_enc == 0:
             return init.to(self.device, torch.float32)  # strength 0: the image through the VAE
-        return self._denoise(eps_model, noise, sampler, steps, eta, generator, callback, scheduler, s_noise,
-                             init, t_enc)
+        if inpaint is not None:
+            from sd_cli.pipeline.inpaint import masked_eps_model
+
+            kept, repaint = (v.to(self.device, torch.float32) for v in inpaint)
+            eps_model = masked_eps_model(eps_model, kept, repaint, self.model.alphas_cumprod.to(self.device))
+        out = self._denoise(eps_model, noise, sampler, steps, eta, generator, callback, scheduler, s_noise,
+                            init, t_enc)
+        return out if inpaint is None else out * repaint + kept * (1 - repaint)
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> np.ndarray:

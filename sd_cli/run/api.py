@@ -241,14 +241,25 @@ class StableDiffusion:
         pipe = self.pipeline()
         pipe.set_loras(self.lora_uses(gen.loras, gen, item.prompts[0]))
         init, t_enc = _init_latents(pipe, gen, len(item.prompts), generator)
+        inpaint = None
+        if gen.mask is not None and init is not None:
+            from sd_cli.pipeline.inpaint import filled, latent_mask
+
+            repaint = latent_mask(_blurred_mask(gen), gen.factor)  # (1, 1, h, w), 1 = repaint
+            inpaint = (init, repaint)
+            init = filled(init, repaint, gen.fill, noise) if gen.strength < 1.0 else None  # 1: from noise
         common = dict(negative_prompt=gen.negative_prompt, sampler=gen.sampler, scale=gen.scale, eta=gen.eta,
                       callback=on_step, prompt_syntax=gen.prompt_syntax, clip_skip=gen.clip_skip,
                       scheduler=gen.scheduler, s_noise=gen.s_noise)
         latents = pipe.latents(list(item.prompts), noise, steps=gen.steps, generator=generator, init=init,
-                               t_enc=t_enc, **common)  # (B, 4, H/8, W/8)
+                               t_enc=t_enc, inpaint=inpaint, **common)  # (B, 4, H/8, W/8)
         if gen.hr_scale:
             latents = _hires_pass(pipe, gen, item, latents, common)  # (B, 4, H'/8, W'/8)
         images = pipe.decode(latents)
+        if gen.mask is not None:  # the kept pixels are the original's (A1111's overlay)
+            from sd_cli.pipeline.inpaint import paste_back
+
+            images = paste_back(images, gen.init.pixels, _blurred_mask(gen))
         return [apply_watermark(img) if gen.watermarked else img for img in images]
 
     def txt2img(self, prompt: str, *, seed: int = DEFAULT_SEED, n: int = 1, **settings) -> list:
@@ -312,6 +323,12 @@ def _hires_pass(pipe, gen: Generation, item: WorkItem, latents, common: dict):
                         t_enc=denoising_steps(gen.hr_denoise, steps), **common)
 
 
+def _blurred_mask(gen: Generation) -> np.ndarray:
+    from sd_cli.pipeline.inpaint import blurred
+
+    return blurred(gen.mask.pixels, gen.mask_blur)
+
+
 def _variation_noise(gen: Generation):
     """The variation seed's start noise (C, h, w), drawn as an image of that seed would draw it."""
     import torch
@@ -326,16 +343,21 @@ def _init_fields(gen: Generation) -> dict:
     """Image to image in the metadata: the init image (file, sha256, its own size, how it was fitted),
     the strength and the encoding."""
     init = gen.init
-    return {"init_image": {"file": path_text(init.file), "sha256": init.sha256, "width": init.source_size[0],
-                           "height": init.source_size[1], "resize": gen.resize},
-            "strength": gen.strength, "encode": gen.encode}
+    out = {"init_image": {"file": path_text(init.file), "sha256": init.sha256, "width": init.source_size[0],
+                          "height": init.source_size[1], "resize": gen.resize},
+           "strength": gen.strength, "encode": gen.encode}
+    if gen.mask is not None:
+        out["mask"] = {"file": path_text(gen.mask.file), "sha256": gen.mask.sha256, "blur": gen.mask_blur,
+                       "fill": gen.fill}
+    return out
 
 
 def _init_latents(pipe, gen: Generation, batch: int, generator):
-    """(init latents (B, 4, h, w) or None, denoising steps) of one batch; strength 1 ignores the image."""
+    """(init latents (B, 4, h, w) or None, denoising steps) of one batch; strength 1 ignores the image
+    (but for the kept part of an inpainting mask)."""
     from sd_cli.sampling.samplers import denoising_steps
 
-    if gen.init is None or gen.strength >= 1.0:
+    if gen.init is None or gen.strength >= 1.0 and gen.mask is None:
         return None, 0
     pixels = gen.init.pixels[None]  # (1, H, W, 3)
     if gen.encode == "mean":  # deterministic: encode once for the whole batch

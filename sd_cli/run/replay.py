@@ -198,6 +198,7 @@ class ReplayRequest:
     json: bool = False
     quiet: bool = False
     init_img: Path | None = None  # sd-img2img --replay: the init image the image was made from
+    mask: Path | None = None  # ... and its inpainting mask
 
 
 def recorded_init(req: ReplayRequest, meta: dict, path: Path) -> dict:
@@ -222,7 +223,26 @@ def recorded_init(req: ReplayRequest, meta: dict, path: Path) -> dict:
     if init.sha256 != made.get("sha256"):
         raise ReplayError(f"--init-img {req.init_img} is not the image {path} was made from (sha256 "
                           f"{init.sha256[:12]}... vs {str(made.get('sha256'))[:12]}...)")
-    return {"init": init, "strength": float(strength), "encode": encode, "resize": sized}
+    return {"init": init, "strength": float(strength), "encode": encode, "resize": sized,
+            **_recorded_mask(req, meta, path, init)}
+
+
+def _recorded_mask(req: ReplayRequest, meta: dict, path: Path, init) -> dict:
+    from sd_cli.output.init_image import load_mask
+
+    made = meta.get("mask")
+    if made is None:
+        if req.mask is not None:
+            raise ReplayError(f"{path} was not inpainted; drop --mask")
+        return {}
+    if not isinstance(made, dict) or type(made.get("blur")) is not int or not isinstance(made.get("fill"), str):
+        raise ReplayError(f"{path}: its sd_cli metadata has a malformed mask record")
+    if req.mask is None:
+        raise ReplayError(f"{path} was inpainted with the mask {made.get('file')!s:.200}; give it as --mask")
+    mask = load_mask(req.mask, init.size)
+    if mask.sha256 != made.get("sha256"):
+        raise ReplayError(f"--mask {req.mask} is not the mask {path} was made with")
+    return {"mask": mask, "mask_blur": made["blur"], "fill": made["fill"]}
 
 
 def _engine(req: ReplayRequest, runtime, rec: Recorded, meta: dict, log):

@@ -15,6 +15,7 @@ from pathlib import Path
 from sd_cli.demo import DEMO_CKPT, DEMO_CONFIG, GUIDANCE, SIZE, demo_available
 from sd_cli.errors import UsageError
 from sd_cli.pipeline.conditioning import SYNTAXES
+from sd_cli.pipeline.inpaint import FILLS
 from sd_cli.output.a1111 import HR_LABELS
 from sd_cli.pipeline.prompt_syntax import check_a1111
 from sd_cli.weights.config import DEFAULT_CONFIG
@@ -39,6 +40,7 @@ MAX_IMAGES = 1_000_000  # images in one run (--n_iter x prompts): a year of 512x
 VAE_TILING = ("auto", "on", "tiles", "off")
 SEED_RULES = ("image", "batch")
 ENCODE_MODES = ("mean", "sample")
+INPAINT_FILLS = FILLS
 # --hr-upscaler -> (A1111's label, how): latent upscales the latents (A1111's "Latent" is bilinear without
 # antialiasing), lanczos decodes, resizes with Pillow and encodes again.
 HR_UPSCALERS = HR_LABELS
@@ -155,6 +157,9 @@ class Generation:
     strength: float = DEFAULT_STRENGTH  # its denoising strength: 0 keeps it (through the VAE), 1 ignores it
     encode: str = "mean"  # the init latent: the VAE posterior's mean, or a "sample" from it
     resize: str | None = None  # how the init image was fitted to --W/--H (None: its own size, down to x8)
+    mask: object = None  # inpainting: the mask (sd_cli.output.init_image.MaskImage; white repaints), or None
+    mask_blur: int = 4  # its blur in pixels (A1111's default)
+    fill: str = "original"  # what the repainted area starts from: original | latent noise | latent nothing
 
     def __post_init__(self) -> None:
         from sd_cli.sampling.samplers import get_sampler
@@ -248,6 +253,12 @@ class Generation:
             raise UsageError(f"--strength {self.strength}: must be between 0 and 1 (0 keeps the image, 1 ignores it)")
         if self.encode not in ENCODE_MODES:
             raise UsageError(f"--encode {self.encode}: choose one of {', '.join(ENCODE_MODES)}")
+        if self.mask is not None and self.init is None:
+            raise UsageError("--mask needs --init-img (the picture to inpaint)")
+        if not isinstance(self.mask_blur, int) or not 0 <= self.mask_blur <= 256:
+            raise UsageError(f"--mask-blur {self.mask_blur}: must be between 0 and 256 pixels")
+        if self.fill not in INPAINT_FILLS:
+            raise UsageError(f"--inpaint-fill {self.fill}: choose one of {', '.join(INPAINT_FILLS)}")
         if self.init is not None and tuple(self.init.size) != (self.width, self.height):
             raise UsageError(f"the init image is {self.init.size[0]}x{self.init.size[1]} but the run is "
                              f"{self.width}x{self.height}")

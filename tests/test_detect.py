@@ -86,7 +86,6 @@ def test_context_width_must_match_the_text_encoder(sd1):
         (lambda sd: {**sdxl_from(sd), IN_CONV: (320, 9, 3, 3)}, "sdxl-inpaint", "looks like SDXL inpainting"),
         (lambda sd: sd2_from(sd), "sd2", "looks like Stable Diffusion 2.x"),
         (lambda sd: {**sd2_from(sd), IN_CONV: (320, 9, 3, 3)}, "sd2-inpaint", "Stable Diffusion 2.x inpainting"),
-        (lambda sd: {**sd, IN_CONV: (320, 9, 3, 3)}, "sd1-inpaint", "looks like Stable Diffusion 1.x inpainting"),
         (lambda sd: {**sd, IN_CONV: (320, 8, 3, 3)}, "sd1-pix2pix", "InstructPix2Pix"),
         (lambda sd: {**sd, IN_CONV: (320, 7, 3, 3)}, "unknown", "unrecognised Stable Diffusion variant"),
     ],
@@ -99,6 +98,18 @@ def test_other_families_are_refused(sd1, make, family, words):
     message = str(info.value)
     assert message.startswith("/models/other.safetensors: unsupported model (")
     assert words in message and message.endswith("sd-txt2img runs Stable Diffusion 1.x checkpoints")
+
+
+def test_sd1_inpainting_needs_its_config(sd1):
+    inpaint = {**sd1, IN_CONV: (320, 9, 3, 3)}
+    assert detect_model(inpaint).family == "sd1-inpaint"
+    with pytest.raises(UnsupportedModelError, match=r"is Stable Diffusion 1\.x inpainting but the config is for "
+                                                    r"the other kind; pass --config configs/stable-diffusion/"
+                                                    r"v1-inpainting-inference\.yaml"):
+        require_sd1(inpaint, "x.safetensors")
+    require_sd1(inpaint, "x.safetensors", inpainting=True)
+    with pytest.raises(UnsupportedModelError, match=r"v1-inference\.yaml"):
+        require_sd1(sd1, "x.safetensors", inpainting=True)
 
 
 def test_sdxl_error_text(sd1):

@@ -40,7 +40,12 @@ class ModelConfig:
 
     @property
     def latent_channels(self) -> int:
-        return self.unet.in_channels
+        return self.unet.out_channels  # (an inpainting UNet takes 9 = 4 latent + 1 mask + 4 masked image)
+
+    @property
+    def inpainting(self) -> bool:
+        """RunwayML's inpainting UNet: [latents, mask, masked-image latents] in (4 + 1 + 4 channels)."""
+        return self.unet.in_channels == 2 * self.unet.out_channels + 1
 
     @property
     def downscale(self) -> int:

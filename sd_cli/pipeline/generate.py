@@ -148,11 +148,14 @@ class Pipeline:
         init: torch.Tensor | None = None,
         t_enc: int = 0,
         inpaint: tuple[torch.Tensor, torch.Tensor] | None = None,
+        concat: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Sampled latents (B, 4, H/8, W/8) float32 for B prompts from start noise (B, 4, H/8, W/8). Image
         to image: `init` (B, 4, H/8, W/8) scaled latents and `t_enc` denoising steps
         (`samplers.img2img_start`); t_enc 0 returns `init` as it is. Inpainting: `inpaint` = (the init
-        latents to keep (B, 4, h, w), the repaint mask (1, 1, h, w)) (`inpaint.masked_eps_model`)."""
+        latents to keep (B, 4, h, w), the repaint mask (1, 1, h, w)) (`inpaint.masked_eps_model`). An
+        inpainting UNet also gets `concat` (B, 5, h, w): [mask, masked-image latents] (default: all
+        repainted, `inpaint.concat_conditioning` of no image)."""
         batch = len(prompts)
         if noise.shape[0] != batch:
             raise ValueError(f"noise batch {noise.shape[0]} != {batch} prompts")
@@ -164,7 +167,7 @@ class Pipeline:
             raise SdCliError(f"the text encoder produced non-finite values (NaN/inf); {self._nan_hint()}")
 
         # 2. Classifier-free guidance: one batched UNet call per model evaluation.
-        eps_model = guided_eps_model(self.model.unet, cond, uncond, scale)
+        eps_model = guided_eps_model(self._unet(noise, concat), cond, uncond, scale)
 
         # 3. Denoising loop from the seeded start latents (kept in float32 between steps).
         if init is not None and t_enc == 0:
@@ -177,6 +180,24 @@ class Pipeline:
         out = self._denoise(eps_model, noise, sampler, steps, eta, generator, callback, scheduler, s_noise,
                             init, t_enc)
         return out if inpaint is None else out * repaint + kept * (1 - repaint)
+
+    def _unet(self, noise: torch.Tensor, concat: torch.Tensor | None):
+        """The UNet as the sampler calls it; an inpainting UNet gets [x, mask, masked-image latents]."""
+        if not self.model.cfg.inpainting:
+            return self.model.unet
+        from sd_cli.pipeline.inpaint import concat_conditioning
+
+        if concat is None:  # text to image with an inpainting model: everything is repainted
+            b, _, h, w = noise.shape
+            concat = concat_conditioning(self, None, None, b, (h, w))
+        cc = concat.to(self.device, torch.float32)  # (B, 5, h, w)
+        unet = self.model.unet
+
+        def with_concat(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+            rows = cc.repeat(x.shape[0] // cc.shape[0], 1, 1, 1)  # [uncond; cond] halves: the same rows
+            return unet(torch.cat([x, rows.to(x.dtype)], dim=1), t, c)  # (N, 9, h, w) in
+
+        return with_concat
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> np.ndarray:
@@ -233,13 +254,17 @@ class Pipeline:
         """Init images (B, H, W, 3) uint8 -> scaled latents (B, 4, H/8, W/8) float32: the VAE posterior's
         mean ("mean", deterministic) or a draw from it ("sample": one row of noise from each image's
         generator, after its start noise). Pixels go to [-1, 1] as CompVis' load_img: x / 255 * 2 - 1."""
-        vae = self.model.first_stage_model
         x = torch.from_numpy(np.array(pixels, dtype=np.uint8)).permute(0, 3, 1, 2).to(torch.float32) / 255.0
-        x = (2.0 * x - 1.0).to(self.device, vae.quant_conv.weight.dtype)  # (B, 3, H, W)
-        mean, logvar = vae.encode_moments(x)  # (B, 4, h, w) each
+        return self.encode_pixels(2.0 * x - 1.0, mode, generators)
+
+    @torch.inference_mode()
+    def encode_pixels(self, x: torch.Tensor, mode: str = "mean", generators=None) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> scaled latents (B, 4, H/8, W/8) float32 (`encode_images`)."""
+        vae = self.model.first_stage_model
+        mean, logvar = vae.encode_moments(x.to(self.device, vae.quant_conv.weight.dtype))  # (B, 4, h, w) each
         z = mean.float()
         if mode == "sample":
-            gens = generators if isinstance(generators, list) else [generators] * len(pixels)
+            gens = generators if isinstance(generators, list) else [generators] * x.shape[0]
             draws = torch.cat([torch.randn((1, *z.shape[1:]), generator=g, dtype=torch.float32) for g in gens])
             z = z + torch.exp(0.5 * logvar.float()) * draws.to(z.device)
         if not torch.isfinite(z).all():

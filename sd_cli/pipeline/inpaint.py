@@ -72,3 +72,24 @@ def paste_back(images: np.ndarray, original: np.ndarray, mask: np.ndarray) -> np
     m = (mask.astype(np.float32) / 255.0)[None, :, :, None]
     out = images.astype(np.float32) * m + original[None].astype(np.float32) * (1 - m)
     return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+def concat_conditioning(pipe, image: np.ndarray | None, mask: np.ndarray | None, batch: int,
+                        latent_size: tuple[int, int]) -> torch.Tensor:
+    """An inpainting UNet's extra input (B, 5, h, w), RunwayML's order: [mask (1 = repaint), latents of
+    the image with the repainted part set to 0 in [-1, 1] (grey)]. No image: all repainted, a grey
+    image (what txt2img with such a model uses, as A1111 and diffusers do). `mask`: (H, W) uint8, the
+    blurred mask, rounded at 128 as A1111 does."""
+    import torch.nn.functional as F
+
+    h, w = latent_size
+    if image is None:
+        masked = torch.zeros(1, 3, h * 8, w * 8)
+        keep = torch.zeros(1, 1, h * 8, w * 8)
+    else:
+        keep = torch.from_numpy((mask < 128).astype(np.float32))[None, None]  # (1, 1, H, W)
+        x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)[None].float() / 255.0 * 2 - 1
+        masked = x * keep
+    latents = pipe.encode_pixels(masked)  # (1, 4, h, w)
+    small = F.interpolate(1 - keep, size=(h, w))  # (1, 1, h, w), nearest
+    return torch.cat([small.to(latents), latents], dim=1).expand(batch, -1, -1, -1)

@@ -57,7 +57,7 @@ class StableDiffusion:
         from sd_cli.weights.precision import choose_dtype, dtype_name, requested_mode, set_threads
 
         self.runtime, self.ddp, self.log = runtime, ddp, log or Log(quiet=True)
-        self.config = load_config(runtime.config)
+        self.config = load_config(_config_for(runtime))
         if gen is not None:
             self.check(gen)
         device = pick_device(runtime.device or self.config.runtime.device)
@@ -241,7 +241,7 @@ class StableDiffusion:
         pipe = self.pipeline()
         pipe.set_loras(self.lora_uses(gen.loras, gen, item.prompts[0]))
         init, t_enc = _init_latents(pipe, gen, len(item.prompts), generator)
-        inpaint = None
+        inpaint, concat = None, _concat(pipe, gen, len(item.prompts))
         if gen.mask is not None and init is not None:
             from sd_cli.pipeline.inpaint import filled, latent_mask
 
@@ -252,7 +252,7 @@ class StableDiffusion:
                       callback=on_step, prompt_syntax=gen.prompt_syntax, clip_skip=gen.clip_skip,
                       scheduler=gen.scheduler, s_noise=gen.s_noise)
         latents = pipe.latents(list(item.prompts), noise, steps=gen.steps, generator=generator, init=init,
-                               t_enc=t_enc, inpaint=inpaint, **common)  # (B, 4, H/8, W/8)
+                               t_enc=t_enc, inpaint=inpaint, concat=concat, **common)  # (B, 4, H/8, W/8)
         if gen.hr_scale:
             latents = _hires_pass(pipe, gen, item, latents, common)  # (B, 4, H'/8, W'/8)
         images = pipe.decode(latents)
@@ -277,6 +277,22 @@ class StableDiffusion:
         item = self.plan(gen)[0]
         schedule = get_sampler(gen.sampler).schedule
         return [_pil(img, a1111_text(meta, schedule), meta) for img, meta in zip(self.render(gen, item), item.metas)]
+
+
+def _config_for(runtime: Runtime) -> str:
+    """The config to build the model from: the one asked for, except that the default config with an
+    inpainting checkpoint (a 9-channel UNet input) means the inpainting config."""
+    from sd_cli.errors import SdCliError
+    from sd_cli.weights.config import DEFAULT_CONFIG, INPAINTING_CONFIG
+    from sd_cli.weights.detect import unet_in_channels
+
+    if runtime.config != DEFAULT_CONFIG or runtime.demo or not runtime.ckpt.is_file():
+        return runtime.config
+    try:
+        channels = unet_in_channels(runtime.ckpt)
+    except SdCliError:  # a broken file: loading it says what is wrong
+        return runtime.config
+    return INPAINTING_CONFIG if channels == 9 else runtime.config
 
 
 def _start_noise(gen: Generation, item: WorkItem, width: int, height: int):
@@ -321,6 +337,17 @@ def _hires_pass(pipe, gen: Generation, item: WorkItem, latents, common: dict):
     steps = gen.hr_steps or gen.steps
     return pipe.latents(list(item.prompts), noise, steps=steps, generator=generator, init=up,
                         t_enc=denoising_steps(gen.hr_denoise, steps), **common)
+
+
+def _concat(pipe, gen: Generation, batch: int):
+    """An inpainting model's [mask, masked-image latents] for an img2img item (None: the pipeline's
+    all-repainted default, as for text to image)."""
+    if not pipe.model.cfg.inpainting or gen.init is None:
+        return None
+    from sd_cli.pipeline.inpaint import concat_conditioning
+
+    mask = _blurred_mask(gen) if gen.mask is not None else np.full(gen.init.pixels.shape[:2], 255, np.uint8)
+    return concat_conditioning(pipe, gen.init.pixels, mask, batch, (gen.height // gen.factor, gen.width // gen.factor))
 
 
 def _blurred_mask(gen: Generation) -> np.ndarray:

@@ -22,6 +22,7 @@ from sd_cli.model.unet import UNetConfig
 from sd_cli.model.vae import VAEConfig
 
 DEFAULT_CONFIG = "configs/stable-diffusion/v1-inference.yaml"
+INPAINTING_CONFIG = "configs/stable-diffusion/v1-inpainting-inference.yaml"  # sd-v1-5-inpainting (9-channel UNet)
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("full", "autocast")
 

@@ -120,10 +120,15 @@ def detect_model(state_dict: Mapping[str, Any]) -> Detection:
     return Detection("unknown", "an unrecognised model (no Stable Diffusion UNet found)")
 
 
-def require_sd1(state_dict: Mapping[str, Any], path: str | Path) -> None:
-    """Raise `UnsupportedModelError` unless `state_dict` is a complete Stable Diffusion 1.x checkpoint."""
+def require_sd1(state_dict: Mapping[str, Any], path: str | Path, inpainting: bool = False) -> None:
+    """Raise `UnsupportedModelError` unless `state_dict` is a complete Stable Diffusion 1.x checkpoint
+    (of the inpainting kind when `inpainting`, the config's)."""
     found = detect_model(state_dict)
-    if found.family != "sd1":
+    if found.family == ("sd1" if inpainting else "sd1-inpaint"):
+        want = "v1-inference.yaml" if inpainting else "v1-inpainting-inference.yaml"
+        raise UnsupportedModelError(f"{path} is {found.description} but the config is for the other kind; pass "
+                                    f"--config configs/stable-diffusion/{want}")
+    if found.family != ("sd1-inpaint" if inpainting else "sd1"):
         raise UnsupportedModelError(
             f"{path}: unsupported model (looks like {found.description}); "
             "sd-txt2img runs Stable Diffusion 1.x checkpoints"
@@ -131,9 +136,18 @@ def require_sd1(state_dict: Mapping[str, Any], path: str | Path) -> None:
     if found.missing:
         parts = " and ".join(f"{part} ({dict(PARTS)[part]}*)" for part in found.missing)
         raise UnsupportedModelError(
-            f"{path}: incomplete Stable Diffusion 1.x checkpoint, the {parts} weights are missing; "
+            f"{path}: incomplete {found.description} checkpoint, the {parts} weights are missing; "
             "use a full checkpoint"
         )
+
+
+def unet_in_channels(path: str | Path) -> int | None:
+    """The UNet input channels of the checkpoint at `path` (9: inpainting), read from its tensor index
+    without loading the weights (memory-mapped); None when it has no CompVis-layout UNet."""
+    from sd_cli.weights.checkpoint import read_state_dict
+
+    t = read_state_dict(path).get(IN_CONV)
+    return int(t.shape[1]) if t is not None and t.dim() == 4 else None
 
 
 def _has_part(keys: list[str], prefix: str) -> bool:

@@ -129,7 +129,7 @@ def load_model(
     `vae`: a VAE file whose tensors replace the checkpoint's (`vae_file`)."""
     device = torch.device(device)
     sd = read_state_dict(path)  # 1.
-    require_sd1(sd, str(path))  # 2.
+    require_sd1(sd, str(path), cfg.inpainting)  # 2.
     model = build_meta_model(cfg)  # 3.
     if vae is not None:
         sd = _with_vae(sd, model, vae)

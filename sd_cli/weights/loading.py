@@ -18,6 +18,7 @@ import torch
 
 from sd_cli.weights.checkpoint import read_state_dict
 from sd_cli.weights.detect import require_sd1
+from sd_cli.weights.keys import key_differences
 from sd_cli.errors import CheckpointError
 from sd_cli.model.ldm import SCHEDULE_KEYS, LatentDiffusion, ModelConfig
 from sd_cli.sampling.schedule import ldm_buffers
@@ -34,26 +35,13 @@ def build_meta_model(cfg: ModelConfig) -> LatentDiffusion:
         return LatentDiffusion(cfg)
 
 
-def _listing(keys: list[str], limit: int = 5) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
-
-
 def match_state_dict(model: LatentDiffusion, sd: dict[str, torch.Tensor], path: str | Path) -> None:
     """Raise CheckpointError unless `sd` has exactly the model's learned tensors with the right shapes."""
     expected = {k: v.shape for k, v in model.state_dict().items()}
     derived = set(SCHEDULE_KEYS) | {POSITION_IDS}
-    missing = sorted(k for k in expected if k not in sd and k not in derived)
-    unexpected = sorted(k for k in sd if k not in expected)
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing ({_listing(missing)})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected ({_listing(unexpected)})")
-        raise CheckpointError(
-            f"{path} does not fit the SD v1 model of this config: keys {'; '.join(parts)}"
-        )
+    differences = key_differences(expected, sd, frozenset(derived))
+    if differences:
+        raise CheckpointError(f"{path} does not fit the SD v1 model of this config: keys {differences}")
     wrong = [
         f"{k}: file {tuple(sd[k].shape)} vs config {tuple(shape)}"
         for k, shape in expected.items()

@@ -41,15 +41,11 @@ def vae_tensors(path: str | Path, expected: dict[str, tuple[int, ...]]) -> dict[
 
 
 def _check(path: Path, tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]) -> None:
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        what = []
-        if missing:
-            what.append(f"{len(missing)} missing (e.g. {missing[0][len(PREFIX):]})")
-        if unexpected:
-            what.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0][len(PREFIX):]})")
-        raise CheckpointError(f"--vae {path}: not an SD v1 VAE for this model: keys {'; '.join(what)}")
+    from sd_cli.weights.keys import key_differences
+
+    differences = key_differences(expected, tensors, name=lambda k: k.removeprefix(PREFIX), limit=2)
+    if differences:
+        raise CheckpointError(f"--vae {path}: not an SD v1 VAE for this model: keys {differences}")
     for key, shape in expected.items():
         t = tensors[key]
         if tuple(t.shape) != tuple(shape):

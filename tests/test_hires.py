@@ -81,3 +81,15 @@ def test_bad_hires_flags(micro, tmp_path, capsys, flags, message):
     assert main(micro_argv(micro, tmp_path / "out", *flags)) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_resume_of_hires_images(micro, tmp_path):
+    out = tmp_path / "hr"
+    argv = _argv(micro, out, "--sampler", "euler", "--steps", "2", "--hr-scale", "1.5", "--n_samples", "2")
+    assert main(argv) == 0
+    files = sorted((out / "samples").iterdir())
+    before = sorted(f.read_bytes() for f in files)
+    files[1].unlink()
+    assert main([*argv, "--resume"]) == 0
+    assert sorted(f.read_bytes() for f in (out / "samples").iterdir()) == before
+    assert Image.open(files[0]).size == (96, 96)

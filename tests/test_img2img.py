@@ -373,6 +373,12 @@ def test_demo_inpaint_keeps_the_unmasked_part(red_circle, tmp_path, capsys):
     assert "identical" in capsys.readouterr().out
     assert img2img(["--replay", str(path), "--init-img", str(red_circle), "-q"]) == 1
     assert "give it as --mask" in capsys.readouterr().err
+    before = path.read_bytes()
+    path.unlink()
+    assert img2img([*argv, "--resume"]) == 0  # made again, the same file
+    assert path.read_bytes() == before
+    assert img2img([*argv, "--resume", "--mask-blur", "2"]) == 0  # another blur: another image
+    assert len(list((out / "samples").iterdir())) == 2
 
 
 def test_mask_problems(micro, tmp_path, capsys):

@@ -10,6 +10,8 @@ seeded) and times, per dtype and resolution:
   load   reading a random-weight fp32 .safetensors file into the model in the compute dtype
   image  a whole default image: load + text + all sampler steps + VAE, as the CLI runs it;
          saves the pixels so bf16 and fp32 images of the same seed can be compared
+  hires  the hires fix through the engine (res, then 2 x res with the latent upscaler): time and
+         the process's peak RSS
 
 diffusers (when importable) gets the SAME weights, converted with diffusers' own
 `diffusers.loaders.single_file_utils.convert_ldm_*_checkpoint`, and runs in the same process,
@@ -26,6 +28,7 @@ in bench/results/ (git-ignored).
     python bench/bench.py --only image --res 256 --dtype fp32,bf16   # + bf16 vs fp32 pixel difference
     python bench/bench.py --table bench/results/*.json       # one table from several runs
     python bench/bench.py --device cuda --only unet,vae,image --res 512 --batch 1,4
+    python bench/bench.py --only hires --res 512 --dtype bf16 --steps 4   # 512 -> 1024, peak RSS
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 sys.path.insert(0, str(REPO))
 
-PIECES = ("text", "unet", "vae", "load", "image")
+PIECES = ("text", "unet", "vae", "load", "image", "hires")
 DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 PROMPT = "a photograph of an astronaut riding a horse"
 MARK = "BENCH_RESULT "
@@ -486,7 +489,24 @@ def case_image(case: dict) -> dict:
     }
 
 
-CASES = {"text": case_text, "unet": case_unet, "vae": case_vae, "load": case_load, "image": case_image}
+def case_hires(case: dict) -> dict:
+    """The CLI's render path with the hires fix: res x res, then 2x res (latent upscaler); the peak RSS
+    of the whole process (load, both passes, the tiled decode at 2x) is the figure that matters."""
+    torch, device, dtype = setup(case)
+    from sd_cli import StableDiffusion
+
+    t0 = time.perf_counter()
+    sd = StableDiffusion.load(case["ckpt"], device=case["device"], dtype=case["dtype"], threads=case["threads"])
+    load_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    images = sd.txt2img(PROMPT, seed=case["seed"], sampler=case["sampler"], steps=case["steps"], height=case["res"],
+                        width=case["res"], hr_scale=2.0, watermark=False)
+    total = time.perf_counter() - t1
+    return {"ours_s": [total], "load_s": load_s, "peak_rss_gib": peak_rss_gib(), "size": list(images[0].size)}
+
+
+CASES = {"text": case_text, "unet": case_unet, "vae": case_vae, "load": case_load, "image": case_image,
+         "hires": case_hires}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -595,6 +615,9 @@ def table(results: list[dict]) -> str:
                 notes.append("VAE fell back to fp32")
         if r["piece"] == "load":
             notes.append(f"{r.get('file_gib', 0):.1f} GiB fp32 file, warm page cache")
+        if r["piece"] == "hires":
+            notes.append(f"{r['sampler']} {r['steps']} + hires {int(0.7 * r['steps']) + 1} steps to "
+                         f"{'x'.join(map(str, r.get('size', [])))}; load {fmt_s(r.get('load_s'))} (not in total)")
         if r.get("channels_last") is not None:
             notes.append("NHWC" if r["channels_last"] else "NCHW")
         if r.get("threads") is not None:
@@ -727,7 +750,7 @@ def main(argv=None) -> int:
         print("[bench] diffusers is not importable: timing ours only", file=sys.stderr)
 
     ckpt = args.ckpt
-    if ckpt is None and {"load", "image"} & set(pieces):
+    if ckpt is None and {"load", "image", "hires"} & set(pieces):
         ckpt = str(Path(tempfile.gettempdir()) / "sd_cli_bench" / "random-sd1-fp32.safetensors")
         if not Path(ckpt).exists():
             print(f"[bench] writing random-weight checkpoint {ckpt} (~4.3 GB, once) ...", file=sys.stderr, flush=True)

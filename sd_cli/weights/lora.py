@@ -88,6 +88,17 @@ class Adapter:
         delta, scale = dw
         return (delta.reshape(self.shape) * scale) if scale != 1.0 else delta.reshape(self.shape).clone()
 
+    def add_to(self, acc: torch.Tensor, weight: float) -> None:
+        """acc += weight * dW in place (acc: float32, contiguous, the layer's shape). A plain LoRA goes
+        straight into acc (one addmm: no dW tensor of the layer's size is made); the others add delta()."""
+        if self.kind == "lora" and "mid" not in self.factors:
+            up = self.factors["up"].to(acc.device, torch.float32).flatten(1)  # (out, r)
+            down = self.factors["down"].to(acc.device, torch.float32).flatten(1)  # (r, in*kh*kw)
+            scale = self.alpha / down.shape[0] if self.alpha is not None else 1.0
+            acc.view(acc.shape[0], -1).addmm_(up, down, alpha=weight * scale)
+        else:
+            acc.add_(self.delta(acc.device), alpha=weight)
+
     @property
     def bias(self) -> torch.Tensor | None:
         b = self.factors.get("diff_b")

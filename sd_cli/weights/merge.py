@@ -4,8 +4,9 @@ A layer with adapters holds W = cast(W_file + sum_i w_i dW_i), computed in float
 own tensor (read again from the memory-mapped file, never from the rounded copy in the model), with the
 adapters in the order given. A layer whose adapters go away gets cast(W_file) back: bit for bit what
 loading gave it. So any LoRA set, reached in any sequence of changes, gives the weights a fresh load with
-that set would give, and sampling costs nothing extra. Memory: one layer in float32 at a time, plus the
-file's pages of that layer (released again, as loading does).
+that set would give, and sampling costs nothing extra. Memory: one layer in float32 at a time (a plain
+LoRA is added into it with one addmm, no dW of the layer's size), plus the file's pages of that layer
+(released again, as loading does).
 """
 
 from __future__ import annotations
@@ -46,10 +47,15 @@ def _contributions(uses) -> dict[str, list[tuple[Adapter, float]]]:
 
 def merged_weight(base: torch.Tensor, parts: list[tuple[Adapter, float]], device) -> torch.Tensor:
     """W_file + sum w dW in float32 on `device` (base is the file's tensor, any float dtype)."""
-    acc = base.to(device=device, dtype=torch.float32, copy=True)
+    acc = base.to(device=device, dtype=torch.float32, copy=True).contiguous()
     for adapter, w in parts:
-        acc.add_(adapter.delta(device), alpha=w)
+        adapter.add_to(acc, w)
     return acc
+
+
+def _fits_dtype(t: torch.Tensor, dtype: torch.dtype) -> bool:
+    """All of float32 `t` finite, and within `dtype`'s range (fp16 overflows at 65504)."""
+    return bool(torch.isfinite(t).all()) and float(t.abs().max()) <= torch.finfo(dtype).max
 
 
 def file_stamp(path: Path) -> tuple[int, int]:
@@ -100,14 +106,13 @@ class Patcher:
             param = self.model.get_parameter(key)
             base = source[key]
             parts = wanted.get(key, [])
-            new = merged_weight(base, parts, param.device) if parts else base
-            value = new.to(param.dtype)
-            if not bool(torch.isfinite(value).all()):
+            new = merged_weight(base, parts, param.device) if parts else base  # float32: one layer extra
+            if parts and not _fits_dtype(new, param.dtype):
                 names = ", ".join(sorted({str(a.key) for a, _ in parts}))
                 raise CheckpointError(f"LoRA merge: {key} ({names}) is not finite in {param.dtype} after merging; "
                                       "is a weight too large, or try --precision full")
             with torch.no_grad():
-                param.copy_(value)
+                param.copy_(new)  # cast in the copy (as loading's .to(dtype) rounds)
             if base.is_contiguous():
                 release_pages(base)
             if parts:

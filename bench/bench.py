@@ -730,7 +730,7 @@ def main(argv=None) -> int:
             print(f"\npixels compared: {d}")
         return 0
 
-    from sd_cli.cli import DEFAULT_SAMPLER, DEFAULT_STEPS
+    from sd_cli.run.settings import DEFAULT_SAMPLER, DEFAULT_STEPS
     from sd_cli.weights.precision import default_threads
 
     import torch

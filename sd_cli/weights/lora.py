@@ -335,7 +335,79 @@ def read_lora(path: str | Path, layout: Layout) -> LoraFile:
 
     path = Path(path)
     tensors = _tensors(read_object(path), path)
+    peft = _peft_configs(path)
     adapters: list[Adapter] = []
     for target, g in _group(path, tensors, layout.table).items():
+        if g["alpha"] is None and peft:
+            g["alpha"] = _peft_alpha(peft, g)
         adapters += _adapters(path, target, g, layout.shapes)
     return LoraFile(path, tuple(sorted(adapters, key=lambda a: a.target)))
+
+
+PEFT_PARTS = ("unet", "text_encoder")
+
+
+def _peft_configs(path: Path) -> dict[str, dict]:
+    """The PEFT LoraConfigs diffusers' `save_lora_weights` writes into a safetensors header
+    (`lora_adapter_metadata`: JSON, keys "unet.r", "unet.lora_alpha", "unet.alpha_pattern", ...), by part;
+    {} when there are none. Untrusted: anything malformed is an error naming the file."""
+    import json
+
+    if path.suffix.lower() != ".safetensors":
+        return {}
+    from safetensors import safe_open
+
+    from sd_cli.weights.checkpoint import _utf8_path
+
+    try:
+        with _utf8_path(path) as name, safe_open(name, framework="pt") as f:
+            text = (f.metadata() or {}).get("lora_adapter_metadata")
+    except Exception:  # noqa: BLE001 - read_object already read this file; no metadata then
+        return {}
+    if text is None:
+        return {}
+    try:
+        meta = json.loads(text)
+        assert isinstance(meta, dict)
+        out = {part: {k[len(part) + 1:]: v for k, v in meta.items() if k.startswith(part + ".")} for part in PEFT_PARTS}
+        for cfg in out.values():
+            for key in ("lora_alpha", "r"):
+                assert cfg.get(key) is None or isinstance(cfg[key], (int, float)) and cfg[key] > 0
+            for key in ("alpha_pattern", "rank_pattern"):
+                assert isinstance(cfg.get(key) or {}, dict)
+        return out
+    except (ValueError, AssertionError):
+        raise CheckpointError(f"LoRA {path}: its lora_adapter_metadata is not a PEFT LoraConfig") from None
+
+
+def _pattern_value(patterns: dict, name: str):
+    """PEFT's per-module override: the pattern that `name` ends with (as a dotted suffix), or None."""
+    import re
+
+    for pattern, value in (patterns or {}).items():
+        try:
+            if re.fullmatch(rf"(.*\.)?({pattern})", name):
+                return value
+        except re.error:
+            if name == pattern or name.endswith("." + pattern):
+                return value
+    return None
+
+
+def _peft_alpha(peft: dict[str, dict], g: dict) -> float | None:
+    """The alpha that makes our alpha / rank the PEFT scaling of this layer (lora_alpha / r, or
+    lora_alpha / sqrt(r) with rsLoRA), from the file's LoraConfig; None where it says nothing."""
+    module = g["key"]
+    part = next((p for p in PEFT_PARTS if module.startswith(p + ".")), None)
+    cfg = peft.get(part) if part else None
+    down = g["factors"].get("down")
+    if not cfg or down is None or down.dim() < 2:
+        return None
+    name = module[len(part) + 1:]
+    alpha = _pattern_value(cfg.get("alpha_pattern"), name) or cfg.get("lora_alpha")
+    if alpha is None:
+        return None
+    rank = down.shape[0]
+    if not isinstance(alpha, (int, float)) or alpha <= 0:
+        return None
+    return float(alpha) * math.sqrt(rank) if cfg.get("use_rslora") else float(alpha)

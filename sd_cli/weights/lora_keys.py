@@ -92,6 +92,8 @@ def module_table(module_paths: list[str], num_res_blocks: int, levels: int) -> d
             q = p[len(TEXT):]
             table["lora_te_" + q.replace(".", "_")] = p
             table["text_encoder." + q] = p
+            if q.startswith("text_model."):  # diffusers with transformers 5: the CLIP text model flattened
+                table["text_encoder." + q.removeprefix("text_model.")] = p
     return table
 
 

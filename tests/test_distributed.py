@@ -235,7 +235,7 @@ import sd_cli.pipeline.generate
 def boom(self, *args, **kwargs):
     raise RuntimeError("boom")
 
-sd_cli.pipeline.generate.Pipeline.generate = boom
+sd_cli.pipeline.generate.Pipeline.latents = boom
 from sd_cli.cli import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -360,8 +360,8 @@ def test_each_image_has_its_own_seed_and_can_be_made_alone(micro, tmp_path, caps
 
     sd = StableDiffusion.load(micro["safetensors"], config=str(micro["config"]), threads=1)
     seen = []
-    real = sd.pipeline().generate
-    sd.pipeline().generate = lambda prompts, noise, **kw: seen.append(noise.clone()) or real(prompts, noise, **kw)
+    real = sd.pipeline().latents  # (the render path: latents, then decode)
+    sd.pipeline().latents = lambda prompts, noise, **kw: seen.append(noise.clone()) or real(prompts, noise, **kw)
     gen = Generation.create(["x"], sampler="ddim", steps=2, height=64, width=64, seed=9)
     sd.render(gen, sd.plan(gen)[0])
     assert torch.equal(seen[0], torch.randn((1, 4, 8, 8), generator=torch.Generator("cpu").manual_seed(9)))

@@ -240,17 +240,17 @@ def test_nan_in_a_later_batch_keeps_the_earlier_images(micro, tmp_path, capsys, 
     from sd_cli.model.ldm import LatentDiffusion
     from sd_cli.pipeline.generate import Pipeline
 
-    real_generate, real_unet = Pipeline.generate, LatentDiffusion.unet
+    real_latents, real_unet = Pipeline.latents, LatentDiffusion.unet
     batches = []
 
-    def counting_generate(self, *args, **kwargs):
+    def counting_latents(self, *args, **kwargs):  # one call per batch (the render path's sampling)
         batches.append(1)
-        return real_generate(self, *args, **kwargs)
+        return real_latents(self, *args, **kwargs)
 
     def unet(self, x, t, c):  # fine for the first batch, NaN from the second on
         return real_unet(self, x, t, c) if len(batches) < 2 else _nan_like(x)
 
-    monkeypatch.setattr(Pipeline, "generate", counting_generate)
+    monkeypatch.setattr(Pipeline, "latents", counting_latents)
     monkeypatch.setattr(LatentDiffusion, "unet", unet)
     rc = main(micro_argv(micro, tmp_path / "out", "--n_iter", "3"))
     line = one_error_line(capsys.readouterr().err)

@@ -404,9 +404,10 @@ def case_vae(case: dict) -> dict:
 # -- a random-weight checkpoint file, streamed to disk tensor by tensor --------------------------
 
 
-def random_checkpoint(path: Path, seed: int = 0) -> Path:
-    """A full SD v1.x fp32 .safetensors file (~4.3 GB) with random weights, written one tensor at a
-    time (safetensors layout: u64 header size, JSON header, raw little-endian data)."""
+def random_checkpoint(path: Path, seed: int = 0, half: bool = False) -> Path:
+    """A full SD v1.x fp32 (or with `half` fp16, like v1-5-pruned-emaonly) .safetensors file (~4.3 GB /
+    2.1 GB) with random weights, written one tensor at a time (safetensors layout: u64 header size, JSON
+    header, raw little-endian data)."""
     import torch
 
     from sd_cli.weights.loading import build_meta_model
@@ -417,8 +418,8 @@ def random_checkpoint(path: Path, seed: int = 0) -> Path:
     items = [(k, v) for k, v in model.state_dict().items() if v.device.type == "meta"]  # not the schedule
     header, offset = {}, 0
     for name, t in items:
-        dt = "I64" if name.endswith("position_ids") else "F32"
-        n = math.prod(t.shape) * 8 if dt == "I64" else math.prod(t.shape) * 4
+        dt, size = ("I64", 8) if name.endswith("position_ids") else (("F16", 2) if half else ("F32", 4))
+        n = math.prod(t.shape) * size
         header[name] = {"dtype": dt, "shape": list(t.shape), "data_offsets": [offset, offset + n]}
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -431,6 +432,7 @@ def random_checkpoint(path: Path, seed: int = 0) -> Path:
         f.write(raw)
         for name, t in items:
             value = random_tensor(name, tuple(t.shape), gen)
+            value = value.half() if half and not name.endswith("position_ids") else value
             f.write(value.contiguous().numpy().tobytes())
     os.replace(tmp, path)
     return path

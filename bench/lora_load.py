@@ -37,7 +37,6 @@ import os
 import resource
 import shutil
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -71,33 +70,9 @@ def model_config():
 
 
 def write_checkpoint(path: Path, seed: int = 0) -> Path:
-    """Random full-size SD v1 weights as fp16 safetensors, one tensor at a time (bench.py's scales:
+    """Random full-size SD v1 weights as fp16 safetensors (bench.py's random_checkpoint and scales:
     N(0, 1/fan_in) matrices, 1 + N(0, 0.02^2) norm scales, N(0, 0.02^2) biases)."""
-    import torch
-
-    from sd_cli.weights.loading import build_meta_model
-
-    random_tensor = _bench_module().random_tensor
-    items = [(k, v) for k, v in build_meta_model(model_config()).state_dict().items() if v.device.type == "meta"]
-    header, offset = {}, 0
-    for name, t in items:
-        dt, size = ("I64", 8) if name.endswith("position_ids") else ("F16", 2)
-        n = math.prod(t.shape) * size
-        header[name] = {"dtype": dt, "shape": list(t.shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    gen = torch.Generator().manual_seed(seed)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for name, t in items:
-            value = random_tensor(name, tuple(t.shape), gen)
-            value = value if name.endswith("position_ids") else value.half()
-            f.write(value.contiguous().numpy().tobytes())
-    os.replace(tmp, path)
-    return path
+    return _bench_module().random_checkpoint(path, seed, half=True)
 
 
 def lora_targets() -> dict[str, tuple[int, ...]]:

@@ -398,3 +398,59 @@ def test_mask_problems(micro, tmp_path, capsys):
     assert img2img([*micro_argv(micro, tmp_path / "ok"), "--init-img", str(good), "--mask", str(small)]) == 0
     assert "resized to the image" in capsys.readouterr().err
     assert main([*micro_argv(micro, tmp_path / "t2i"), "--mask", str(small)]) == 2  # not a txt2img flag
+
+
+# --------------------------------------------------------------------------------------------------
+# Fuzz: init images and masks are untrusted input
+# --------------------------------------------------------------------------------------------------
+
+
+def _seed_files(tmp_path: Path) -> dict[str, bytes]:
+    rng = np.random.default_rng(4)
+    out = {}
+    for fmt, mode in (("PNG", "RGBA"), ("JPEG", "RGB"), ("WEBP", "RGB"), ("BMP", "L"), ("GIF", "P")):
+        im = Image.fromarray(rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)).convert(mode)
+        path = tmp_path / f"seed.{fmt.lower()}"
+        im.save(path, format=fmt)
+        out[fmt] = path.read_bytes()
+    return out
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzzed_init_images_and_masks_load_or_say_why(tmp_path, data):
+    """Truncated, bit-flipped or spliced picture files: each loads (as (H, W, 3) / (H, W) uint8 of a size the
+    model can take) or raises one UsageError; nothing else, and never an image larger than allowed."""
+    from sd_cli.errors import UsageError
+    from sd_cli.output.init_image import MAX_PIXELS, load_init_image, load_mask
+
+    seeds = _seed_files(tmp_path)
+    raw = bytearray(seeds[data.draw(st.sampled_from(sorted(seeds)))])
+    action = data.draw(st.sampled_from(["truncate", "flip", "splice", "header"]))
+    if action == "truncate":
+        raw = raw[: data.draw(st.integers(0, len(raw)))]
+    elif action == "flip":
+        for _ in range(data.draw(st.integers(1, 8))):
+            i = data.draw(st.integers(0, len(raw) - 1))
+            raw[i] ^= 1 << data.draw(st.integers(0, 7))
+    elif action == "splice":
+        raw += data.draw(st.binary(max_size=64))
+    else:  # a header byte region overwritten (sizes, modes)
+        i = data.draw(st.integers(0, min(40, len(raw) - 1)))
+        raw[i:i + 4] = data.draw(st.binary(min_size=4, max_size=4))
+    path = tmp_path / "fuzzed.img"
+    path.write_bytes(bytes(raw))
+    for load in (lambda: load_init_image(path), lambda: load_init_image(path, 32, 16, "fill"),
+                 lambda: load_mask(path, (40, 24))):
+        try:
+            got = load()
+        except UsageError as err:
+            assert "\n" not in str(err)
+            continue
+        pixels = got.pixels
+        assert pixels.dtype == np.uint8 and pixels.shape[0] * pixels.shape[1] <= MAX_PIXELS
+        assert pixels.ndim in (2, 3) and (pixels.ndim == 2 or pixels.shape[2] == 3)

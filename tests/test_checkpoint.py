@@ -510,3 +510,18 @@ def test_file_hash_survives_an_unusable_cache(tmp_path, monkeypatch):
 def test_file_hash_of_missing_file(tmp_path):
     with pytest.raises(CheckpointError, match="nope.ckpt"):
         file_hash(tmp_path / "nope.ckpt")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("where", [0, 1, 63, 64, 1000, 4095])
+def test_all_finite_finds_every_bad_value(dtype, bad, where):
+    """The load-time check (one min/max pass) sees a NaN/inf wherever it sits, in every dtype."""
+    from sd_cli.weights.loading import all_finite
+
+    t = torch.randn(4096).to(dtype)
+    assert all_finite(t) and all_finite(torch.empty(0, dtype=dtype))
+    t[where] = bad
+    assert not all_finite(t)
+    assert not all_finite(torch.tensor([70000.0]), torch.float16)  # past fp16's range
+    assert all_finite(torch.tensor([60000.0]), torch.float16)

@@ -53,11 +53,6 @@ def merged_weight(base: torch.Tensor, parts: list[tuple[Adapter, float]], device
     return acc
 
 
-def _fits_dtype(t: torch.Tensor, dtype: torch.dtype) -> bool:
-    """All of float32 `t` finite, and within `dtype`'s range (fp16 overflows at 65504)."""
-    return bool(torch.isfinite(t).all()) and float(t.abs().max()) <= torch.finfo(dtype).max
-
-
 def file_stamp(path: Path) -> tuple[int, int]:
     """(size, mtime_ns): a file that changes on disk gets another stamp."""
     st = os.stat(path)
@@ -90,7 +85,7 @@ class Patcher:
     def apply(self, uses) -> int:
         """Make the weights checkpoint + `uses` (a sequence of LoraUse, merged in that order). Returns how
         many weight tensors changed."""
-        from sd_cli.weights.loading import release_pages
+        from sd_cli.weights.loading import all_finite, release_pages
 
         wanted = _contributions(uses)
 
@@ -107,7 +102,7 @@ class Patcher:
             base = source[key]
             parts = wanted.get(key, [])
             new = merged_weight(base, parts, param.device) if parts else base  # float32: one layer extra
-            if parts and not _fits_dtype(new, param.dtype):
+            if parts and not all_finite(new, param.dtype):  # (fp16 overflows at 65504)
                 names = ", ".join(sorted({str(a.key) for a, _ in parts}))
                 raise CheckpointError(f"LoRA merge: {key} ({names}) is not finite in {param.dtype} after merging; "
                                       "is a weight too large, or try --precision full")

@@ -90,7 +90,7 @@ def build_parser(command: str = "txt2img") -> argparse.ArgumentParser:
     _what_to_draw(p)
     if img2img:
         _image_to_image(p)
-    _sampling(p, names, sampler_lines)
+    _sampling(p, names, sampler_lines, img2img)
     _size_and_count(p, *((2, 1) if img2img else (3, 2)))  # CompVis' defaults of each script
     if not img2img:
         _hires(p)
@@ -189,11 +189,12 @@ def _what_to_draw(p: argparse.ArgumentParser) -> None:
                         "final layer norm; 1 is SD's own (default: %(default)s; 2 for many anime fine-tunes)")
 
 
-def _sampling(p: argparse.ArgumentParser, names: list[str], sampler_lines: str) -> None:
+def _sampling(p: argparse.ArgumentParser, names: list[str], sampler_lines: str, img2img: bool = False) -> None:
     g = p.add_argument_group("sampling")
+    default = (f"ddim with {COMPVIS_STEPS} steps, as CompVis' img2img.py" if img2img else
+               f"{DEFAULT_SAMPLER} with {DEFAULT_STEPS} steps; ddim when only --ddim_steps is given, as CompVis")
     g.add_argument("--sampler", type=sampler_name, default=None, metavar="NAME",
-                   help=f"sampling method, by ComfyUI's name or A1111's (default: {DEFAULT_SAMPLER} with "
-                        f"{DEFAULT_STEPS} steps; ddim when only --ddim_steps is given, as CompVis). Each with its "
+                   help=f"sampling method, by ComfyUI's name or A1111's (default: {default}). Each with its "
                         f"A1111 name and default scheduler: {sampler_lines}")
     g.add_argument("--scheduler", choices=_schedulers(), default=None,
                    help="the sigma list of the k-diffusion samplers (default: per sampler as A1111's Automatic: "
@@ -212,7 +213,8 @@ def _sampling(p: argparse.ArgumentParser, names: list[str], sampler_lines: str) 
     g.add_argument("--ddim_eta", "--eta", dest="ddim_eta", type=float, default=0.0,
                    help="DDIM eta: 0 deterministic, 1 ancestral-like noise (default: %(default)s)")
     g.add_argument("--scale", type=float, default=None,
-                   help="classifier-free guidance scale; 1 turns guidance off (default: 7.5; 3 with the demo model)")
+                   help="classifier-free guidance scale; 1 turns guidance off (default: "
+                        f"{'5, as CompVis img2img.py' if img2img else '7.5'}; 3 with the demo model)")
     g.add_argument("--seed", type=int, default=42,
                    help="seed of the first image (default: %(default)s). As in A1111, image m of the run (all "
                         "batches and iterations, in order) has seed + m and its own noise, so any image can be "

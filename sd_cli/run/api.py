@@ -85,7 +85,6 @@ class StableDiffusion:
 
         self.loras = LoraBank(runtime.lora_dir, lambda: model_layout(self.config.model))
         self.default_loras: tuple = ()  # the API's LoRA set (`load(loras=...)`, `set_loras`)
-        self.vae_hash = short_hash(runtime.vae) if runtime.vae is not None else None
         self._pipe = None
         if gen is not None:
             self.check_loras(gen)
@@ -104,7 +103,7 @@ class StableDiffusion:
         sd = cls(Runtime(path, config, demo, device, dtype, None, threads, vae_tiling, vae=as_path(vae),
                          lora_dir=as_path(lora_dir)))
         sd.set_loras(loras)
-        sd.pipeline().set_loras(sd.lora_uses(sd.default_loras))  # merged now, as part of loading
+        sd.pipeline().set_loras(_uses(sd.loras.resolve(list(sd.default_loras))))  # merged now, as part of loading
         return sd
 
     @property
@@ -178,19 +177,12 @@ class StableDiffusion:
         from sd_cli.weights.checkpoint import file_hash
 
         vae = self.runtime.vae
-        return {"file": path_text(vae), "name": path_text(vae.name), "sha256": file_hash(vae),
-                "a1111_hash": self.vae_hash}
+        digest = file_hash(vae)  # (cached per file)
+        return {"file": path_text(vae), "name": path_text(vae.name), "sha256": digest, "a1111_hash": digest[:10]}
 
     def lora_set(self, gen: Generation, prompt: str):
         """The LoRAs of one prompt's images, read and checked, in merge order."""
         return self.loras.resolve(self.loras.requests(gen.loras, prompt, gen.prompt_syntax))
-
-    def lora_uses(self, flags: tuple, gen: Generation | None = None, prompt: str = "") -> list:
-        """The merge list (sd_cli.weights.merge.LoraUse) of `flags` plus `prompt`'s tags under `gen`."""
-        from sd_cli.weights.merge import LoraUse
-
-        resolved = self.loras.resolve(self.loras.requests(flags, prompt, gen.prompt_syntax if gen else "plain"))
-        return [LoraUse(r.file, r.request.te, r.request.unet) for r in resolved]
 
     def check_loras(self, gen: Generation) -> None:
         """Every prompt's LoRA tags name a file, and every file fits this model: before any image."""
@@ -239,13 +231,14 @@ class StableDiffusion:
 
         generator, noise = _start_noise(gen, item, gen.width, gen.height)
         pipe = self.pipeline()
-        pipe.set_loras(self.lora_uses(gen.loras, gen, item.prompts[0]))
+        pipe.set_loras(_uses(self.lora_set(gen, item.prompts[0])))
         init, t_enc = _init_latents(pipe, gen, len(item.prompts), generator)
-        inpaint, concat = None, _concat(pipe, gen, len(item.prompts))
-        if gen.mask is not None and init is not None:
+        mask = _blurred_mask(gen) if gen.mask is not None else None  # (H, W) uint8
+        inpaint, concat = None, _concat(pipe, gen, mask, len(item.prompts))
+        if mask is not None and init is not None:
             from sd_cli.pipeline.inpaint import filled, latent_mask
 
-            repaint = latent_mask(_blurred_mask(gen), gen.factor)  # (1, 1, h, w), 1 = repaint
+            repaint = latent_mask(mask, gen.factor)  # (1, 1, h, w), 1 = repaint
             inpaint = (init, repaint)
             init = filled(init, repaint, gen.fill, noise) if gen.strength < 1.0 else None  # 1: from noise
         common = dict(negative_prompt=gen.negative_prompt, sampler=gen.sampler, scale=gen.scale, eta=gen.eta,
@@ -256,10 +249,10 @@ class StableDiffusion:
         if gen.hr_scale:
             latents = _hires_pass(pipe, gen, item, latents, common)  # (B, 4, H'/8, W'/8)
         images = pipe.decode(latents)
-        if gen.mask is not None:  # the kept pixels are the original's (A1111's overlay)
+        if mask is not None:  # the kept pixels are the original's (A1111's overlay)
             from sd_cli.pipeline.inpaint import paste_back
 
-            images = paste_back(images, gen.init.pixels, _blurred_mask(gen))
+            images = paste_back(images, gen.init.pixels, mask)
         return [apply_watermark(img) if gen.watermarked else img for img in images]
 
     def txt2img(self, prompt: str, *, seed: int = DEFAULT_SEED, n: int = 1, **settings) -> list:
@@ -308,7 +301,8 @@ def _start_noise(gen: Generation, item: WorkItem, width: int, height: int):
         generator = [torch.Generator("cpu").manual_seed(s) for s in item.seeds]
         noise = torch.cat([initial_noise(g, 1, *shape) for g in generator])
         if gen.subseed_strength > 0:
-            noise = torch.cat([slerp(gen.subseed_strength, row, _variation_noise(gen)) for row in noise])
+            other = _variation_noise(gen, gen.width, gen.height)  # (C, h, w), the same for every image
+            noise = torch.cat([slerp(gen.subseed_strength, row, other) for row in noise])
         return generator, noise
     generator = torch.Generator("cpu").manual_seed(item.seed)
     return generator, initial_noise(generator, gen.n_samples, *shape)[: len(item.prompts)]
@@ -339,15 +333,23 @@ def _hires_pass(pipe, gen: Generation, item: WorkItem, latents, common: dict):
                         t_enc=denoising_steps(gen.hr_denoise, steps), **common)
 
 
-def _concat(pipe, gen: Generation, batch: int):
-    """An inpainting model's [mask, masked-image latents] for an img2img item (None: the pipeline's
-    all-repainted default, as for text to image)."""
+def _concat(pipe, gen: Generation, mask: np.ndarray | None, batch: int):
+    """An inpainting model's [mask, masked-image latents] for an img2img item, from the blurred `mask`
+    (None: all repainted); None without an init image (the pipeline's all-repainted default)."""
     if not pipe.model.cfg.inpainting or gen.init is None:
         return None
     from sd_cli.pipeline.inpaint import concat_conditioning
 
-    mask = _blurred_mask(gen) if gen.mask is not None else np.full(gen.init.pixels.shape[:2], 255, np.uint8)
+    if mask is None:
+        mask = np.full(gen.init.pixels.shape[:2], 255, np.uint8)
     return concat_conditioning(pipe, gen.init.pixels, mask, batch, (gen.height // gen.factor, gen.width // gen.factor))
+
+
+def _uses(resolved) -> list:
+    """The merge list (sd_cli.weights.merge.LoraUse) of resolved LoRAs (`LoraBank.resolve`)."""
+    from sd_cli.weights.merge import LoraUse
+
+    return [LoraUse(r.file, r.request.te, r.request.unet) for r in resolved]
 
 
 def _blurred_mask(gen: Generation) -> np.ndarray:
@@ -356,14 +358,14 @@ def _blurred_mask(gen: Generation) -> np.ndarray:
     return blurred(gen.mask.pixels, gen.mask_blur)
 
 
-def _variation_noise(gen: Generation):
-    """The variation seed's start noise (C, h, w), drawn as an image of that seed would draw it."""
+def _variation_noise(gen: Generation, width: int, height: int):
+    """The variation seed's start noise (C, h, w) at that size, drawn as an image of that seed would draw it."""
     import torch
 
     from sd_cli.pipeline.generate import initial_noise
 
     g = torch.Generator("cpu").manual_seed(gen.subseed)
-    return initial_noise(g, 1, gen.latent_channels, gen.height, gen.width, gen.factor)[0]
+    return initial_noise(g, 1, gen.latent_channels, height, width, gen.factor)[0]
 
 
 def _init_fields(gen: Generation) -> dict:

@@ -85,3 +85,14 @@ def test_bad_variation_flags(micro, tmp_path, capsys, flags, message):
     assert main(micro_argv(micro, tmp_path / "out", *flags)) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_variation_seed_with_hires_fix(micro, tmp_path, capsys):
+    """The hires pass draws its noise as A1111 does, variation included: slerp at the hires size."""
+    out = tmp_path / "hr"
+    assert _run(micro, out, "--seed", "5", "--subseed", "9", "--subseed-strength", "0.4", "--hr-scale", "2") == 0
+    img, meta, text = _png(out / "samples" / "00000.png")
+    assert img.shape == (128, 128, 3) and meta["subseed"] == 9 and "Hires upscale: 2.0" in text
+    assert main(["--replay", str(out / "samples" / "00000.png"), "--ckpt", str(micro["safetensors"]),
+                 "--config", str(micro["config"]), "-q"]) == 0
+    assert "identical" in capsys.readouterr().out

@@ -301,7 +301,7 @@ def _start_noise(gen: Generation, item: WorkItem, width: int, height: int):
         generator = [torch.Generator("cpu").manual_seed(s) for s in item.seeds]
         noise = torch.cat([initial_noise(g, 1, *shape) for g in generator])
         if gen.subseed_strength > 0:
-            other = _variation_noise(gen, gen.width, gen.height)  # (C, h, w), the same for every image
+            other = _variation_noise(gen, width, height)  # (C, h, w) at this pass's size, the same for every image
             noise = torch.cat([slerp(gen.subseed_strength, row, other) for row in noise])
         return generator, noise
     generator = torch.Generator("cpu").manual_seed(item.seed)

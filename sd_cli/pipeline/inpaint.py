@@ -83,9 +83,10 @@ def concat_conditioning(pipe, image: np.ndarray | None, mask: np.ndarray | None,
     import torch.nn.functional as F
 
     h, w = latent_size
+    f = pipe.model.cfg.downscale  # pixels per latent cell
     if image is None:
-        masked = torch.zeros(1, 3, h * 8, w * 8)
-        keep = torch.zeros(1, 1, h * 8, w * 8)
+        masked = torch.zeros(1, 3, h * f, w * f)
+        keep = torch.zeros(1, 1, h * f, w * f)
     else:
         keep = torch.from_numpy((mask < 128).astype(np.float32))[None, None]  # (1, 1, H, W)
         x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)[None].float() / 255.0 * 2 - 1

@@ -259,7 +259,8 @@ class StableDiffusion:
         """`n` images of `prompt` as one batch (PIL images carrying the CLI's metadata in `.info`), equal
         to `sd-txt2img --prompt PROMPT --seed SEED --n_samples N --n_iter 1`. Keyword settings as
         `Generation.create`: negative_prompt, sampler, steps, scale, eta, height, width, fixed_code,
-        watermark. The prompt's `<lora:NAME:W>` tags and the `set_loras` set apply. Nothing is written; `image.save(path)` keeps the metadata, `save_images` numbers files."""
+        watermark. The prompt's `<lora:NAME:W>` tags and the `set_loras` set apply. Nothing is written;
+        `image.save(path)` keeps the metadata, `save_images` numbers files."""
         from sd_cli.output.a1111 import a1111_text
         from sd_cli.sampling.samplers import get_sampler
 

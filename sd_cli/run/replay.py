@@ -205,6 +205,7 @@ def recorded_init(req: ReplayRequest, meta: dict, path: Path) -> dict:
     """Generation fields of an image-to-image image: its init image (given again with --init-img, checked
     by sha256 and fitted as recorded), strength and encoding; {} for a text-to-image one."""
     from sd_cli.output.init_image import load_init_image
+    from sd_cli.run.settings import ENCODE_MODES
 
     made = meta.get("init_image")
     if made is None:
@@ -212,7 +213,7 @@ def recorded_init(req: ReplayRequest, meta: dict, path: Path) -> dict:
             raise ReplayError(f"{path} was made from text alone; drop --init-img")
         return {}
     strength, encode = meta.get("strength"), meta.get("encode")
-    if not isinstance(made, dict) or type(strength) not in (int, float) or encode not in ("mean", "sample"):
+    if not isinstance(made, dict) or type(strength) not in (int, float) or encode not in ENCODE_MODES:
         raise ReplayError(f"{path}: its sd_cli metadata has a malformed init_image, strength or encode")
     if req.init_img is None:
         raise ReplayError(f"{path} was made from the init image {made.get('file')!s:.200}; replay it with "

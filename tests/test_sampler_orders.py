@@ -6,7 +6,10 @@ The case is tests/test_samplers.py's: data x0 ~ N(mu_c, s_c^2) per channel, the 
 Deterministic samplers (the probability-flow ODE): z = (x - mu) / sqrt(s^2 + sigma^2) is invariant
 along the ODE, so from the start x = sigma_0 x_T the exact state at the last nonzero sigma sigma_L is
 mu + sqrt(s^2 + sigma_L^2) z, and the sampler's last step (Euler to 0) returns D there. LMS instead
-integrates to sigma = 0: mu + s z. Error = max |x - exact| over 2x4x8x8 values (float64).
+integrates to sigma = 0: mu + s z. UniPC's last step (first order) goes to sigma 0.001 (ComfyUI's rule)
+instead of 0: its target is that step, x = r x + (1 - r) D with r = 0.001 / sigma_L, from the exact state
+at sigma_L (UniPC takes x there after its corrector, D at its predicted state; both tend to the exact
+one). Error = max |x - exact| over 2x4x8x8 values (float64).
 
 Stochastic samplers (eta 1: the ancestral and DPM++ SDE samplers all discretize the same reverse
 SDE, noise variance 2 sigma dsigma): with the affine D every step is x' = A x + b + sum_j c_j w_j,
@@ -36,6 +39,7 @@ from test_samplers import AC, MU, SIGMAS, STD, X_T, GaussianEps, _chain_moments,
 
 from sd_cli.sampling import schedule
 from sd_cli.sampling.samplers import SAMPLERS
+from sd_cli.sampling.unipc import COMFY_FINAL_SIGMA
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -43,6 +47,7 @@ ODE = [n for n, i in SAMPLERS.items() if i.noise == "none" and i.schedule in sch
 SDE = [n for n, i in SAMPLERS.items() if i.noise != "none" and i.schedule in schedule.SCHEDULERS]
 STEPS = (10, 20, 40, 80)
 MU_, S_ = np.array(MU), np.array(STD)
+FINAL_SIGMA = {"uni_pc": COMFY_FINAL_SIGMA, "uni_pc_bh2": COMFY_FINAL_SIGMA}  # last step's target, else 0
 
 
 def _sigmas(name: str, steps: int, scheduler: str | None = None) -> list[float]:
@@ -59,6 +64,9 @@ def ode_error(name: str, steps: int, scheduler: str | None = None) -> float:
     z = (s0 * X_T - model.mu) / (model.s**2 + s0**2).sqrt()
     if name == "lms":
         exact = model.mu + model.s * z
+    elif name in FINAL_SIGMA:  # a first-order step from the exact state at s_last to FINAL_SIGMA
+        u, r = (model.s**2 + s_last**2).sqrt(), FINAL_SIGMA[name] / s_last
+        exact = model.mu + (r * u + (1 - r) * model.s**2 / u) * z
     else:
         exact = model.mu + model.s**2 / (model.s**2 + s_last**2).sqrt() * z
     return (out - exact).abs().max().item()
@@ -150,6 +158,8 @@ ODE_EXPECT = {
     "heun": (4, 0.050),  # 3.29e-2 (4.35 4.16)
     "dpm_2": (4, 0.026),  # 1.71e-2 (4.09 4.05); discards the penultimate sigma
     "lms": (8, 0.024),  # 1.54e-2 (11.7 12.3): order ~3.5 on this smooth case
+    "uni_pc": (10, 0.0087),  # 5.80e-3 (12.7 10.1): order 3 (UniC-3 would be 4; the lower-order ends limit it)
+    "uni_pc_bh2": (10, 0.0059),  # 3.94e-3 (12.6 9.98)
 }
 
 
@@ -199,6 +209,13 @@ def ode_by_scheduler():
     return out
 
 
+# Exceptions to the 80-step bound 0.06 below. UniPC bh1 on "normal": its next-to-last step, to t = 0, is
+# long (h = 1.33 in lambda at 80 steps, 2.07 at 20) and of order 2; the last step uses the model value of
+# that step's PREDICTED state as UniPC does, so the predictor's error stays (measured 8.96e-2; 20/40/80:
+# 0.551 0.251 0.0896, still refining).
+BOUND_80 = {("normal", "uni_pc"): 0.12}
+
+
 @pytest.mark.parametrize("sched", list(schedule.SCHEDULERS))
 def test_every_scheduler_refines(ode_by_scheduler, sched):
     """Every ODE sampler gets closer with more steps on every scheduler. Only the log-sigma-smooth
@@ -208,7 +225,7 @@ def test_every_scheduler_refines(ode_by_scheduler, sched):
     shrinks in log(sigma) only like log(1000/N)/2; measured ratios there 1.6-3.3 per doubling."""
     for name, e in ode_by_scheduler[sched].items():
         assert e[0] > e[1] > e[2] and e[0] / e[2] > 2.4, (sched, name, e)
-        assert e[2] < 0.06, (sched, name, e)
+        assert e[2] < BOUND_80.get((sched, name), 0.06), (sched, name, e)
         if sched in ("karras", "exponential") and name != "euler":
             assert e[1] / e[2] > 3.3, (sched, name, e)
 

@@ -314,6 +314,8 @@ def _ours_lcm(eps, steps, seen):
 
 # name: (label, default scheduler, noise, UNet calls per step, discards the penultimate sigma, s_noise)
 EXPECTED = {
+    "uni_pc": ("UniPC", "sgm_uniform", "none", 1, False, False),
+    "uni_pc_bh2": ("UniPC", "sgm_uniform", "none", 1, False, False),
     "ddim": ("DDIM", "uniform", "ancestral", 1, False, False),
     "plms": ("PLMS", "uniform", "none", 1, False, False),
     "dpmpp_2m": ("DPM++ 2M Karras", "karras", "none", 1, False, False),

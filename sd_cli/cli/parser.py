@@ -197,9 +197,9 @@ def _sampling(p: argparse.ArgumentParser, names: list[str], sampler_lines: str, 
                    help=f"sampling method, by ComfyUI's name or A1111's (default: {default}). Each with its "
                         f"A1111 name and default scheduler: {sampler_lines}")
     g.add_argument("--scheduler", choices=_schedulers(), default=None,
-                   help="the sigma list of the k-diffusion samplers (default: per sampler as A1111's Automatic: "
-                        "karras for dpmpp_2m and the SDE samplers, the model's own 'normal' for euler, heun, lms, "
-                        "dpm_2 and the ancestral ones; ddim, plms and lcm run on their own grids)")
+                   help="the sigma list of the k-diffusion samplers (default: each sampler's own, as A1111's "
+                        "Automatic, listed under --sampler: karras for dpmpp_2m, exponential for the multistep "
+                        "SDE samplers, sgm_uniform for uni_pc, ...; ddim, plms and lcm run on their own grids)")
     g.add_argument("--s-noise", "--s_noise", dest="s_noise", type=float, default=None,
                    help="A1111's 'sigma noise' for the samplers that add noise (default: 1)")
     g.add_argument("--plms", action="store_true", help="alias of --sampler plms")

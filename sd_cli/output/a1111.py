@@ -180,6 +180,7 @@ def a1111_text(meta: dict, schedule: str) -> str:
         "Lora hashes": lora_hashes(meta["loras"]) if meta.get("loras") else None,
         "TI hashes": ", ".join(f"{k}: {v}" for k, v in meta["embeddings"].items()) if meta.get("embeddings") else None,
         "Eta DDIM": meta["eta"] if meta["sampler"] == "ddim" and meta["eta"] else None,
+        "UniPC variant": "bh2" if meta["sampler"] == "uni_pc_bh2" else None,  # (A1111's setting's label)
         "Batch size": bs if bs > 1 else None,
         "Batch pos": meta.get("batch_index") if bs > 1 else None,
         "Version": f"sd_cli {__version__}",

@@ -65,6 +65,7 @@ from sd_cli.sampling.common import (  # noqa: F401  (EpsModel, StepCallback: re-
     noise_like as _noise_like,
 )
 from sd_cli.sampling import ksamplers
+from sd_cli.sampling import unipc
 from sd_cli.sampling.lcm import lcm_timesteps, sample_lcm
 
 
@@ -483,6 +484,13 @@ SAMPLERS: dict[str, SamplerInfo] = {
             noise="ancestral",
             _calls=lambda steps: len(lcm_timesteps(steps)),
         ),
+        # UniPC: A1111 runs it on its own time-uniform grid (linspace(999, 0, steps + 1) in t, ending at
+        # t = 0); sgm_uniform has the same first `steps` points and ends in 0 (which UniPC moves to 0.001).
+        _k("uni_pc", unipc.sample_uni_pc, "UniPC", unipc.DEFAULT_SCHEDULER,
+           "UniPC bh1, order 3 predictor-corrector (ComfyUI uni_pc, A1111 UniPC); deterministic "
+           "(default sgm_uniform, the nearest to A1111's time-uniform grid)"),
+        _k("uni_pc_bh2", unipc.sample_uni_pc_bh2, "UniPC", unipc.DEFAULT_SCHEDULER,
+           "UniPC bh2, B(h) = expm1(h) (ComfyUI uni_pc_bh2); deterministic (default sgm_uniform)"),
     )
 }
 

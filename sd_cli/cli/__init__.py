@@ -34,7 +34,9 @@ PARAMS_FLAGS = {"prompt": ("prompt",), "negative_prompt": ("negative_prompt",), 
                 "scale": ("scale",), "seed": ("seed",), "width": ("W",), "height": ("H",),
                 "sampler": ("sampler", "plms", "dpm_solver", "ddim_steps"), "clip_skip": ("clip_skip",),
                 "eta": ("ddim_eta",), "n_samples": ("n_samples",), "scheduler": ("scheduler", "sampler"),
-                "subseed": ("subseed",), "subseed_strength": ("subseed_strength",)}
+                "subseed": ("subseed",), "subseed_strength": ("subseed_strength",), "hr_scale": ("hr_scale",),
+                "hr_upscaler": ("hr_upscaler",), "hr_steps": ("hr_steps",), "hr_strength": ("denoising_strength",),
+                "strength": ("strength",)}
 
 
 def given_options(argv: list[str] | None, command: str = "txt2img") -> dict[str, str]:
@@ -99,7 +101,8 @@ def _img2img(args: argparse.Namespace, kwargs: dict, demo: bool) -> dict:
                   file=sys.stderr)
     return {**kwargs, "init": init, "width": init.size[0], "height": init.size[1], "mask": mask,
             "mask_blur": args.mask_blur, "fill": args.inpaint_fill,
-            "strength": DEFAULT_STRENGTH if args.strength is None else args.strength, "encode": args.encode,
+            "strength": kwargs.get("strength", DEFAULT_STRENGTH) if args.strength is None else args.strength,
+            "encode": args.encode,
             "resize": args.resize if sized else None, "sampler": named or "ddim",
             "scale": kwargs["scale"] if kwargs["scale"] is not None or demo else 5.0}
 
@@ -116,7 +119,7 @@ def _from_params(args: argparse.Namespace, given: dict, kwargs: dict) -> dict:
 
     if args.from_file:
         raise UsageError("--params and --from-file: give one")
-    found, unused = settings_from_infotext(read_infotext(args.params))
+    found, unused = settings_from_infotext(read_infotext(args.params), args.command, given)
     if unused and args.strict_params:
         raise UsageError(f"--params: fields this tool does not use: {', '.join(unused)} (--strict-params)")
     if unused:
@@ -154,9 +157,9 @@ def settings(args: argparse.Namespace, given: dict | None = None):
         kwargs = _from_params(args, given or {}, kwargs)
     if args.command == "img2img":
         kwargs = _img2img(args, kwargs, demo)
-    elif args.hr_scale is not None:
-        kwargs.update(hr_scale=args.hr_scale, hr_upscaler=args.hr_upscaler, hr_steps=args.hr_steps,
-                      hr_strength=args.denoising_strength)
+    elif args.hr_scale is not None or "hr_scale" in kwargs:  # (--params: its hires values where no flag is given)
+        kwargs = {**dict(hr_scale=args.hr_scale, hr_upscaler=args.hr_upscaler, hr_steps=args.hr_steps,
+                         hr_strength=args.denoising_strength), **kwargs}
     elif args.hr_steps is not None or args.denoising_strength is not None:
         raise UsageError("--hr-steps and --denoising-strength are for the hires fix: add --hr-scale")
     prompt = kwargs.pop("prompt")

@@ -245,18 +245,44 @@ class UNetModel(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """x (B, 4, h, w) noisy latents, t (B,) timesteps (float allowed), context (B, 77, 768) -> eps (B, 4, h, w)."""
+        h, emb, context = self.prepare(x, t, context)
+        skips = self.run_input_blocks(h, emb, context)
+        h = self.middle_block(skips[-1], emb, context)
+        h = self.run_output_blocks(h, skips, emb, context)
+        return self.out(h).to(x.dtype)
+
+    # The parts of `forward`, for callers that run only some blocks (model/deepcache.py). `forward` is
+    # exactly prepare -> run_input_blocks -> middle_block -> run_output_blocks -> out.
+
+    def prepare(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor):
+        """(h, emb, context) as the blocks take them: h (B, C, h, w) = x in the model's dtype and memory
+        format, emb (B, 4*mc) the timestep embedding, context (B, L, D) in the model's dtype."""
         dtype = self.time_embed[0].weight.dtype
         emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(dtype))  # (B, 4*mc)
-        context = context.to(dtype)
         h = x.to(dtype).contiguous(memory_format=self.memory_format)
+        return h, emb, context.to(dtype)
+
+    def run_input_blocks(
+        self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, count: int | None = None
+    ) -> list[torch.Tensor]:
+        """The outputs of input_blocks[:count] (all when None) from h (B, C, h, w): the skips, in order;
+        the last one is what the next block takes."""
         skips = []
-        for block in self.input_blocks:
+        for block in list(self.input_blocks)[:count]:
             h = block(h, emb, context)
             skips.append(h)
-        h = self.middle_block(h, emb, context)
-        for block in self.output_blocks:
+        return skips
+
+    def run_output_blocks(
+        self, h: torch.Tensor, skips: list[torch.Tensor], emb: torch.Tensor, context: torch.Tensor,
+        start: int = 0, stop: int | None = None,
+    ) -> torch.Tensor:
+        """output_blocks[start:stop] from h, the feature entering output block `start` (for start 0: the
+        middle block's output); each block takes [h, skips.pop()] (`skips` is consumed: it must hold the
+        outputs of input_blocks[:len(output_blocks) - start]). Returns the feature leaving the last one."""
+        for block in list(self.output_blocks)[start:stop]:
             h = torch.cat([h, skips.pop()], dim=1)
             # An odd-sized level (e.g. 520 px -> 65 -> 33) upsamples to the next skip's size, not blindly x2.
             up_size = tuple(skips[-1].shape[-2:]) if skips else None
             h = block(h, emb, context, up_size)
-        return self.out(h).to(x.dtype)
+        return h

@@ -165,3 +165,28 @@ def _emphasis(z: torch.Tensor, weights: list[tuple[float, ...]]) -> torch.Tensor
     weighted = z * w
     after = weighted.float().mean(dim=(1, 2), keepdim=True)
     return (weighted * (before / after).to(z.dtype)).to(z.dtype)
+
+
+# Prompt editing (sd_cli.pipeline.prompt_schedule): a prompt that changes during sampling is encoded as
+# its distinct texts, and each UNet call takes the rows of its step. At most MAX_EDIT_CHUNKS chunks of 77
+# are encoded for one batch (E texts x k chunks): beyond that the contexts alone would take gigabytes.
+MAX_EDIT_CHUNKS = 1024
+
+
+@dataclass(frozen=True)
+class Scheduled:
+    """A context that changes with the UNet call: `contexts` (E, 77 k, D) the distinct texts encoded;
+    `plan[row]` = ((last step, index into contexts), ...) for each of the B images."""
+
+    contexts: torch.Tensor
+    plan: tuple[tuple[tuple[int, int], ...], ...]
+
+    def at(self, call: int) -> torch.Tensor:
+        """The context (B, 77 k, D) of UNet call `call` (0-based, as A1111's denoiser counts)."""
+        from sd_cli.pipeline.prompt_schedule import entry_at
+
+        rows = [entries[entry_at(tuple(end for end, _ in entries), call)][1] for entries in self.plan]
+        return self.contexts[rows]
+
+    def all_finite(self) -> bool:
+        return bool(torch.isfinite(self.contexts).all())

@@ -12,9 +12,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-from sd_cli.errors import SdCliError
+from sd_cli.errors import SdCliError, UsageError
 from sd_cli.pipeline.conditioning import chunk_prompt, encode_chunked
 from sd_cli.pipeline.guidance import guided_eps_model
+from sd_cli.pipeline.prompt_syntax import extra_networks
 from sd_cli.output.pixels import to_uint8
 from sd_cli.model.ldm import LatentDiffusion
 from sd_cli.sampling.samplers import get_sampler, img2img_start
@@ -46,6 +47,16 @@ def slerp(val: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
     so = torch.sin(omega)
     res = (torch.sin((1.0 - val) * omega) / so).unsqueeze(1) * low + (torch.sin(val * omega) / so).unsqueeze(1) * high
     return res.unsqueeze(0)
+
+
+def schedule_steps(sampler: str, steps: int) -> int:
+    """The steps prompt editing counts for `steps` of `sampler`: A1111 doubles them for its second-order
+    samplers (two UNet calls a step), whose denoiser counts calls."""
+    return steps * (2 if get_sampler(sampler).evals == 2 else 1)
+
+
+def _finite(ctx) -> bool:
+    return bool(torch.isfinite(ctx).all()) if isinstance(ctx, torch.Tensor) else ctx.all_finite()
 
 
 class Pipeline:
@@ -102,6 +113,31 @@ class Pipeline:
                 self.on_warning(f"{what} {short!r} is {n} tokens; CLIP reads 75, so the last {dropped} were dropped")
         return self._text(tok.ids.to(self.device), clip_skip)  # (B, 77, 768)
 
+    def _context(self, texts: list[str], what: str, syntax: str, clip_skip: int, prompt_steps):
+        """Context of B texts: a tensor (B, 77 k, 768), or a `conditioning.Scheduled` when one of them
+        changes during sampling (A1111's prompt editing over `prompt_steps` = (schedule steps, the first
+        pass's steps for a hires pass, else None); None: editing off, the text as it is)."""
+        if syntax != "a1111" or prompt_steps is None:
+            return self._encode(texts, what, syntax, clip_skip)
+        from sd_cli.pipeline.conditioning import MAX_EDIT_CHUNKS, Scheduled
+        from sd_cli.pipeline.prompt_schedule import schedule
+
+        stripped = [extra_networks(text)[0] for text in texts]  # (A1111 takes the tags out first)
+        plans = [schedule(text, *prompt_steps) for text in stripped]
+        if all(plan == ((prompt_steps[0], text),) for plan, text in zip(plans, stripped)):
+            return self._encode(texts, what, syntax, clip_skip)  # no editing: as before it existed
+        if all(len(plan) == 1 for plan in plans):
+            return self._encode([plan[0][1] for plan in plans], what, syntax, clip_skip)
+        distinct = list(dict.fromkeys(text for plan in plans for _, text in plan))
+        chunks = len(distinct) * max(len(chunk_prompt(t, self.tokenizer, self.embeddings).ids) for t in distinct)
+        if chunks > MAX_EDIT_CHUNKS:
+            raise UsageError(f"the {what}'s editing makes {len(distinct)} different texts, {chunks} chunks of 77 "
+                             f"tokens to encode (at most {MAX_EDIT_CHUNKS}); use fewer alternatives or a shorter "
+                             "text")
+        index = {text: i for i, text in enumerate(distinct)}
+        contexts = self._encode(distinct, what, syntax, clip_skip)  # (E, 77 k, 768)
+        return Scheduled(contexts, tuple(tuple((end, index[text]) for end, text in plan) for plan in plans))
+
     def _text(self, ids: torch.Tensor, clip_skip: int = 1, fixes=None) -> torch.Tensor:
         """The text encoder on (B, 77) ids; the extra arguments only when they are not the defaults."""
         if clip_skip == 1 and not fixes:
@@ -114,12 +150,14 @@ class Pipeline:
             return f"the model runs in {dtype_name(dtype)}; try --precision full (float32)"
         return "the model runs in float32: is --scale extreme, or are the weights damaged?"
 
-    def _uncond(self, negative_prompt: str, batch: int, syntax: str, clip_skip: int) -> torch.Tensor:
-        """The unconditional (or negative) context, encoded once per distinct text and settings."""
-        key = (negative_prompt, syntax, clip_skip)
+    def _uncond(self, negative_prompt: str, syntax: str, clip_skip: int, prompt_steps):
+        """The unconditional (or negative) context (1, 77 k, 768) or its schedule, encoded once per distinct
+        text and settings (the guidance repeats it over the batch)."""
+        key = (negative_prompt, syntax, clip_skip, prompt_steps)
         if key not in self._uncond_cache:
-            self._uncond_cache[key] = self._encode([negative_prompt], "negative prompt", syntax, clip_skip)
-        return self._uncond_cache[key].expand(batch, -1, -1)  # (B, 77 k, 768)
+            self._uncond_cache[key] = self._context([negative_prompt], "negative prompt", syntax, clip_skip,
+                                                    prompt_steps)
+        return self._uncond_cache[key]
 
 
     @torch.inference_mode()
@@ -149,21 +187,26 @@ class Pipeline:
         t_enc: int = 0,
         inpaint: tuple[torch.Tensor, torch.Tensor] | None = None,
         concat: torch.Tensor | None = None,
+        prompt_steps: tuple[int, int | None] | None | str = "auto",
     ) -> torch.Tensor:
         """Sampled latents (B, 4, H/8, W/8) float32 for B prompts from start noise (B, 4, H/8, W/8). Image
         to image: `init` (B, 4, H/8, W/8) scaled latents and `t_enc` denoising steps
         (`samplers.img2img_start`); t_enc 0 returns `init` as it is. Inpainting: `inpaint` = (the init
         latents to keep (B, 4, h, w), the repaint mask (1, 1, h, w)) (`inpaint.masked_eps_model`). An
         inpainting UNet also gets `concat` (B, 5, h, w): [mask, masked-image latents] (default: all
-        repainted, `inpaint.concat_conditioning` of no image)."""
+        repainted, `inpaint.concat_conditioning` of no image). Prompt editing (a1111 syntax): `prompt_steps`
+        = (schedule steps, first-pass steps of a hires pass or None), "auto" = A1111's for this sampler and
+        `steps`, None = off (images made before it)."""
         batch = len(prompts)
         if noise.shape[0] != batch:
             raise ValueError(f"noise batch {noise.shape[0]} != {batch} prompts")
+        if prompt_steps == "auto":
+            prompt_steps = (schedule_steps(sampler, steps), None)
 
         # 1. Encode the prompts (and the negative prompt, unless guidance is off).
-        cond = self._encode(prompts, "prompt", prompt_syntax, clip_skip)  # (B, 77 k, 768)
-        uncond = self._uncond(negative_prompt, batch, prompt_syntax, clip_skip) if scale != 1.0 else None
-        if not (torch.isfinite(cond).all() and (uncond is None or torch.isfinite(uncond).all())):
+        cond = self._context(prompts, "prompt", prompt_syntax, clip_skip, prompt_steps)  # (B, 77 k, 768)
+        uncond = self._uncond(negative_prompt, prompt_syntax, clip_skip, prompt_steps) if scale != 1.0 else None
+        if not (_finite(cond) and (uncond is None or _finite(uncond))):
             raise SdCliError(f"the text encoder produced non-finite values (NaN/inf); {self._nan_hint()}")
 
         # 2. Classifier-free guidance: one batched UNet call per model evaluation.

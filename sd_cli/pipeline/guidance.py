@@ -8,8 +8,9 @@ first), so guidance costs one call per sampler evaluation, at twice the batch.
 
 from __future__ import annotations
 
+import itertools
 import math
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -30,12 +31,16 @@ def _match_batch(ctx: Tensor, batch: int, what: str) -> Tensor:
     raise ValueError(f"{what} has batch {ctx.shape[0]}, latents have batch {batch}")
 
 
-def guided_eps_model(
-    unet: ConditionalUNet, cond: Tensor, uncond: Optional[Tensor], scale: float
-) -> EpsModel:
+def _at(ctx, call: int) -> Tensor:
+    """The context of UNet call `call`: a fixed tensor, or a prompt-editing schedule's rows."""
+    return ctx if isinstance(ctx, Tensor) else ctx.at(call)
+
+
+def guided_eps_model(unet: ConditionalUNet, cond, uncond, scale: float) -> EpsModel:
     """An `EpsModel` for the samplers: the UNet with the prompt context and guidance folded in.
 
-    cond, uncond: (B,77,D) text embeddings (or (1,77,D), repeated over the batch).
+    cond, uncond: (B,77,D) text embeddings (or (1,77,D), repeated over the batch), or a
+        `conditioning.Scheduled` (prompt editing) whose context depends on how many calls came before.
     scale != 1 with an uncond: one call on cat([x, x]), cat([t, t]), cat([uncond, cond]),
         eps = e_u + scale * (e_c - e_u);
     scale == 1 or uncond None: one call on cond alone (batch B), the guidance term vanishes.
@@ -44,13 +49,14 @@ def guided_eps_model(
     if not math.isfinite(scale):
         raise UsageError(f"guidance scale must be a finite number, got {scale}")
     guided = uncond is not None and scale != 1.0
+    calls = itertools.count()  # A1111's step counter: one per model evaluation, from 0
 
     def eps_model(x: Tensor, t: Tensor) -> Tensor:
-        b = x.shape[0]
-        c = _match_batch(cond, b, "cond")
+        b, call = x.shape[0], next(calls)
+        c = _match_batch(_at(cond, call), b, "cond")
         if not guided:
             return unet(x, t, c)
-        u = _match_batch(uncond, b, "uncond")
+        u = _match_batch(_at(uncond, call), b, "uncond")
         if u.shape[1] != c.shape[1]:  # prompt and negative prompt of different chunk counts: two calls (A1111)
             e_u, e_c = unet(x, t, u), unet(x, t, c)
             return e_u + scale * (e_c - e_u)

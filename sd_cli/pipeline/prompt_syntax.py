@@ -90,13 +90,11 @@ def _merged(res: list[list]) -> list[tuple[str, float]]:
 
 
 _AND = re.compile(r"\bAND\b")
-_SCHEDULE = re.compile(r"\[[^\[\]]*?(?::\s*[+-]?[\d.]+\s*\]|\|[^\[\]]*\])")
 
 
 def check_a1111(text: str, negative: bool = False) -> None:
-    """Refuse, with the reason, what A1111 reads but this tool does not compute (yet): `AND`
-    (composable diffusion) and the scheduling brackets `[from:to:when]`, `[to:when]`, `[a|b]`; and
-    extra-network tags that are malformed, of another kind, or in the negative prompt (where A1111 would
+    """Refuse, with the reason, what A1111 reads but this tool does not compute: `AND` (composable
+    diffusion); and extra-network tags that are malformed, of another kind, or in the negative prompt (where A1111 would
     read them as words)."""
     from sd_cli.errors import UsageError
 
@@ -107,10 +105,6 @@ def check_a1111(text: str, negative: bool = False) -> None:
     if _AND.search(text):
         raise UsageError("the prompt uses AND (A1111's composable diffusion), which sd-txt2img does not do; "
                          "write 'and', or pass --prompt-syntax plain")
-    m = _SCHEDULE.search(text)
-    if m:
-        raise UsageError(f"the prompt uses A1111's prompt scheduling ({m.group(0)[:40]}), which sd-txt2img does "
-                         "not do yet; remove it, or pass --prompt-syntax plain to keep the text as it is")
 
 
 # Extra networks: A1111's `<kind:arguments>` tags. They are taken out of the prompt before it is parsed

@@ -167,7 +167,8 @@ class StableDiffusion:
             **(_init_fields(gen) if gen.init is not None else {}),
             **({"subseed": gen.subseed, "subseed_strength": gen.subseed_strength} if gen.subseed_strength else {}),
             **({"hires": {"scale": gen.hr_scale, "upscaler": gen.hr_upscaler, "steps": gen.hr_steps or gen.steps,
-                          "strength": gen.hr_denoise, "width": gen.out_size[0], "height": gen.out_size[1]}}
+                          "strength": gen.hr_denoise, "width": gen.out_size[0], "height": gen.out_size[1],
+                          "steps_rule": gen.hr_rule}}
                if gen.hr_scale else {}),
             "sd_cli_version": __version__,
         }
@@ -215,10 +216,14 @@ class StableDiffusion:
         if gen.prompt_syntax != "a1111":
             return {"token_count": token_count(prompt, gen.prompt_syntax), **fields}
         tok = get_tokenizer()
-        chunked = chunk_prompt(prompt, tok, self.embeddings)
-        used = {**chunked.embeddings, **chunk_prompt(gen.negative_prompt, tok, self.embeddings).embeddings}
-        return {"token_count": chunked.token_count, **({"embeddings": dict(sorted(used.items()))} if used else {}),
-                **fields}
+        (texts, edited), (negatives, neg_edited) = _edit_texts(gen, prompt), _edit_texts(gen, gen.negative_prompt)
+        chunked = [chunk_prompt(text, tok, self.embeddings) for text in texts]
+        used = {name: h for c in (*chunked, *(chunk_prompt(t, tok, self.embeddings) for t in negatives))
+                for name, h in c.embeddings.items()}
+        if edited or neg_edited:
+            fields["prompt_editing"] = True  # (its absence: the brackets were emphasis, as before editing)
+        return {"token_count": max(c.token_count for c in chunked),
+                **({"embeddings": dict(sorted(used.items()))} if used else {}), **fields}
 
     def plan(self, gen: Generation) -> WorkPlan:
         """The work items of `gen` on this model."""
@@ -243,7 +248,8 @@ class StableDiffusion:
             init = filled(init, repaint, gen.fill, noise) if gen.strength < 1.0 else None  # 1: from noise
         common = dict(negative_prompt=gen.negative_prompt, sampler=gen.sampler, scale=gen.scale, eta=gen.eta,
                       callback=on_step, prompt_syntax=gen.prompt_syntax, clip_skip=gen.clip_skip,
-                      scheduler=gen.scheduler, s_noise=gen.s_noise)
+                      scheduler=gen.scheduler, s_noise=gen.s_noise,
+                      prompt_steps="auto" if gen.prompt_editing else None)
         latents = pipe.latents(list(item.prompts), noise, steps=gen.steps, generator=generator, init=init,
                                t_enc=t_enc, inpaint=inpaint, concat=concat, **common)  # (B, 4, H/8, W/8)
         if gen.hr_scale:
@@ -271,6 +277,19 @@ class StableDiffusion:
         item = self.plan(gen)[0]
         schedule = get_sampler(gen.sampler).schedule
         return [_pil(img, a1111_text(meta, schedule), meta) for img, meta in zip(self.render(gen, item), item.metas)]
+
+
+def _edit_texts(gen: Generation, text: str) -> tuple[list[str], bool]:
+    """(The texts a prompt is during the first pass, whether it has prompt editing): itself when it has
+    none, else its schedule's distinct texts. (Token count and embeddings are taken over these.)"""
+    from sd_cli.pipeline.generate import schedule_steps
+    from sd_cli.pipeline.prompt_schedule import has_editing, schedule
+    from sd_cli.pipeline.prompt_syntax import extra_networks
+
+    stripped = extra_networks(text)[0]
+    if not gen.prompt_editing or not has_editing(stripped):
+        return [text], False
+    return list(dict.fromkeys(t for _, t in schedule(stripped, schedule_steps(gen.sampler, gen.steps)))), True
 
 
 def _config_for(runtime: Runtime) -> str:
@@ -315,7 +334,7 @@ def _hires_pass(pipe, gen: Generation, item: WorkItem, latents, common: dict):
     fresh noise of each image's own seed at the new size (as A1111 draws it)."""
     import torch.nn.functional as F
 
-    from sd_cli.sampling.samplers import denoising_steps
+    from sd_cli.pipeline.generate import schedule_steps
 
     width, height = gen.out_size
     size = (height // gen.factor, width // gen.factor)
@@ -329,9 +348,11 @@ def _hires_pass(pipe, gen: Generation, item: WorkItem, latents, common: dict):
         mode = "nearest-exact" if gen.hr_upscaler == "latent-nearest" else "bilinear"
         up = F.interpolate(latents, size=size, mode=mode, **({"antialias": False} if mode == "bilinear" else {}))
     generator, noise = _start_noise(gen, item, width, height)
-    steps = gen.hr_steps or gen.steps
-    return pipe.latents(list(item.prompts), noise, steps=steps, generator=generator, init=up,
-                        t_enc=denoising_steps(gen.hr_denoise, steps), **common)
+    steps, t_enc = gen.hr_plan()
+    # prompt editing counts the hires steps from 1 after the first pass's (A1111's hires timeline)
+    editing = (schedule_steps(gen.sampler, gen.hr_steps or gen.steps), schedule_steps(gen.sampler, gen.steps))
+    return pipe.latents(list(item.prompts), noise, steps=steps, generator=generator, init=up, t_enc=t_enc,
+                        **{**common, "prompt_steps": editing if gen.prompt_editing else None})
 
 
 def _concat(pipe, gen: Generation, mask: np.ndarray | None, batch: int):

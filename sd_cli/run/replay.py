@@ -284,8 +284,11 @@ def recorded_hires(meta: dict, path: Path) -> dict:
         and type(hr.get("strength")) in (int, float) and isinstance(hr.get("upscaler"), str)
     if not ok:
         raise ReplayError(f"{path}: its sd_cli metadata has a malformed hires record")
+    rule = hr.get("steps_rule", "fraction")  # absent: made before A1111's hires steps rule
+    if rule not in ("a1111", "fraction"):
+        raise ReplayError(f"{path}: its sd_cli metadata has an unknown hires steps_rule {rule!r}")
     return {"hr_scale": float(hr["scale"]), "hr_upscaler": hr["upscaler"], "hr_steps": hr["steps"],
-            "hr_strength": float(hr["strength"])}
+            "hr_strength": float(hr["strength"]), "hr_rule": rule}
 
 
 def _check_vae(req: ReplayRequest, runtime, meta: dict, log) -> None:
@@ -335,6 +338,7 @@ def _regenerate(sd, rec: Recorded, meta: dict, path: Path, quiet: bool, init_fie
                          latent_channels=m.latent_channels, factor=m.downscale, n_samples=rec.n_samples,
                          fixed_code=meta.get("fixed_code") is True, watermark=False,
                          prompt_syntax=syntax, clip_skip=clip_skip,  # absent: the text as it is, as made
+                         prompt_editing=meta.get("prompt_editing") is True,  # absent: brackets were emphasis
                          scheduler=_recorded_scheduler(meta, rec.sampler), s_noise=float(s_noise),
                          seed_rule=rule, loras=recorded_loras(meta, path), **init_fields,
                          subseed=subseed, subseed_strength=float(sub_strength), **recorded_hires(meta, path))

@@ -77,12 +77,13 @@ KEY_FIELDS = (
     "subseed_strength",
     "hires",
     "mask",
+    "prompt_editing",
 )
 # Fields newer than some images: their value when a file does not have them (what made those images).
 KEY_DEFAULTS = {"prompt_syntax": "plain", "clip_skip": 1, "embeddings": {}, "scheduler": None, "s_noise": 1.0, "seed_rule": "batch",
                 "loras": [], "vae": None, "init_image": None, "strength": None, "encode": None,
                 "subseed": None, "subseed_strength": 0.0, "hires": None,
-                "mask": None}
+                "mask": None, "prompt_editing": False}
 _FLOAT_FIELDS = ("scale", "eta")
 _MAX_WARNINGS = 5
 

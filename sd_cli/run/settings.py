@@ -43,6 +43,7 @@ ENCODE_MODES = ("mean", "sample")
 INPAINT_FILLS = FILLS
 # --hr-upscaler -> (A1111's label, how): latent upscales the latents (A1111's "Latent" is bilinear without
 # antialiasing), lanczos decodes, resizes with Pillow and encodes again.
+HR_RULES = ("a1111", "fraction")
 HR_UPSCALERS = HR_LABELS
 HR_STRENGTH = {"latent": 0.7, "latent-nearest": 0.7, "lanczos": 0.5}
 
@@ -141,6 +142,8 @@ class Generation:
     n_iter: int = 1
     watermark: bool = True  # asked for; images too small to read it back go without (recorded per image)
     prompt_syntax: str = "a1111"  # A1111's prompt language; "plain": the text as it is (images before it)
+    prompt_editing: bool = True  # a1111: [from:to:when] and [a|b] change the text during sampling (False:
+    #                              read as emphasis brackets, as images made before editing existed)
     clip_skip: int = 1  # A1111's "Clip skip": stop the text encoder this many layers from its end
     scheduler: str | None = None  # the sigma list (karras, normal, ...); None: the sampler's default
     s_noise: float = 1.0  # A1111's sigma noise, where the sampler has it
@@ -152,7 +155,9 @@ class Generation:
     hr_scale: float | None = None  # hires fix: a second pass at this many times the size (> 1) ...
     hr_upscaler: str = "latent"  # ... from the first pass upscaled so (HR_UPSCALERS) ...
     hr_steps: int | None = None  # ... with this many steps (None: steps) ...
-    hr_strength: float | None = None  # ... and this denoising strength (None: 0.7 latent, 0.5 lanczos)
+    hr_strength: float | None = None  # ... and this denoising strength (None: 0.7 latent, 0.5 lanczos);
+    hr_rule: str = "a1111"  # a1111: hr_steps steps of a schedule of hr_steps / strength (A1111); "fraction":
+    #                         int(strength x hr_steps) of hr_steps (images made before the rule)
     init: object = None  # image to image: the init image (sd_cli.output.init_image.InitImage), or None
     strength: float = DEFAULT_STRENGTH  # its denoising strength: 0 keeps it (through the VAE), 1 ignores it
     encode: str = "mean"  # the init latent: the VAE posterior's mean, or a "sample" from it
@@ -220,9 +225,24 @@ class Generation:
     def hr_denoise(self) -> float:
         return self.hr_strength if self.hr_strength is not None else HR_STRENGTH.get(self.hr_upscaler, 0.7)
 
+    def hr_plan(self) -> tuple[int, int]:
+        """(schedule steps, t_enc) of the hires pass. A1111 (`setup_img2img_steps` with steps given) runs
+        the hires steps N as the last N of a schedule of int(N / min(strength, 0.999)) steps (t_enc = N - 1
+        in A1111's count, where the k-samplers run t_enc + 1 steps); the older rule ran
+        int(strength x N) of a schedule of N."""
+        from sd_cli.sampling.samplers import denoising_steps
+
+        n = self.hr_steps or self.steps
+        if self.hr_rule == "fraction":
+            return n, denoising_steps(self.hr_denoise, n)
+        d = min(self.hr_denoise, 0.999)
+        return (int(n / d), n - 1) if d > 0 else (n, 0)
+
     def _check_hires(self) -> None:
         if self.hr_scale is None:
             return
+        if self.hr_rule not in HR_RULES:
+            raise UsageError(f"hires steps rule {self.hr_rule!r}: one of {', '.join(HR_RULES)}")
         if not isinstance(self.hr_scale, (int, float)) or not 1.0 < self.hr_scale <= 8.0:
             raise UsageError(f"--hr-scale {self.hr_scale}: must be more than 1 (2 doubles the size) and at most 8")
         if self.hr_upscaler not in HR_UPSCALERS:
@@ -231,6 +251,10 @@ class Generation:
             raise UsageError(f"--hr-steps {self.hr_steps}: must be between 1 and 1000")
         if not 0.0 <= self.hr_denoise <= 1.0:
             raise UsageError(f"--denoising-strength {self.hr_denoise}: must be between 0 and 1")
+        if self.hr_plan()[0] > 1000:
+            raise UsageError(f"--denoising-strength {self.hr_denoise} with {self.hr_steps or self.steps} hires steps "
+                             "needs a schedule of more than 1000 steps (A1111 runs them as the last steps of "
+                             "steps / strength); raise the strength or lower --hr-steps")
         w, h = self.out_size
         if w * h > MAX_PIXELS:
             raise UsageError(f"--hr-scale {self.hr_scale}: {w}x{h} is larger than 4096x4096")

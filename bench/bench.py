@@ -12,12 +12,20 @@ seeded) and times, per dtype and resolution:
          saves the pixels so bf16 and fp32 images of the same seed can be compared
   hires  the hires fix through the engine (res, then 2 x res with the latent upscaler): time and
          the process's peak RSS
+  accel  faster sampling (README "Faster sampling"): one image with each --variants entry (off,
+         DeepCache, the guidance interval, token merging, --fast) through the pipeline, interleaved in
+         one process: sampling time, UNet evaluations per image (full and shallow, in batch rows: a
+         guided full step is 2), and the mean pixel distance from the image made without them
 
 diffusers (when importable) gets the SAME weights, converted with diffusers' own
 `diffusers.loaders.single_file_utils.convert_ldm_*_checkpoint`, and runs in the same process,
 interleaved call by call with ours, so machine noise hits both alike. Its bf16 row is diffusers
-with fp32 weights under `torch.autocast(bfloat16)` (what a diffusers user on CPU does); add
-`--diffusers-bf16-weights` for diffusers with weights cast to bf16 too.
+with fp32 weights under `torch.autocast(bfloat16)` as a diffusers user runs a pipeline: ONE autocast
+context around all the timed calls, under torch.no_grad, the parameters requiring grad as
+from_pretrained leaves them, so autocast casts each weight once and reuses it (torch caches casts only
+then: not under inference_mode, not for requires_grad=False). The "bf16-autocast-per-call" row is the
+earlier measurement, a fresh context (and fresh casts) per call. `--diffusers-alone` times diffusers in
+a process without our model beside it. Add `--diffusers-bf16-weights` for weights cast to bf16 too.
 
 Every case runs in its own child process, so "peak RSS" is that case's own high-water mark
 (for unet/vae recorded before diffusers' copy is built). Output: a table on stdout and a JSON file
@@ -29,11 +37,14 @@ in bench/results/ (git-ignored).
     python bench/bench.py --table bench/results/*.json       # one table from several runs
     python bench/bench.py --device cuda --only unet,vae,image --res 512 --batch 1,4
     python bench/bench.py --only hires --res 512 --dtype bf16 --steps 4   # 512 -> 1024, peak RSS
+    python bench/bench.py --only accel --res 256,512 --dtype fp32,bf16 --repeats 2   # faster sampling
+    python bench/bench.py --only accel --accel-model demo --res 64 --dtype fp32 --steps 6 --repeats 1  # smoke
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import itertools
 import json
@@ -53,7 +64,10 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 sys.path.insert(0, str(REPO))
 
-PIECES = ("text", "unet", "vae", "load", "image", "hires")
+PIECES = ("text", "unet", "vae", "load", "image", "hires", "accel")
+# accel: ";"-separated variants, each "off", "fast" or "+"-joined Generation options (cfg_interval=LO,HI)
+ACCEL_VARIANTS = ("off;deepcache=2;deepcache=3;deepcache=4;deepcache=3+deepcache_branch=5;cfg_interval=0.28,5.42;"
+                  "tome=0.3;tome=0.5;fast")
 DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 PROMPT = "a photograph of an astronaut riding a horse"
 MARK = "BENCH_RESULT "
@@ -214,22 +228,32 @@ def diffusers_vae(ours_vae, cfg, device):
 
 
 def diffusers_runner(model, mode: str, device):
-    """(callable factory) diffusers in `mode`: fp32 | fp16 | bf16-autocast | bf16-weights | fp16-autocast."""
+    """(model, wrap) diffusers in `mode`: fp32 | fp16 | bf16-autocast | bf16-autocast-per-call | bf16-weights |
+    fp16-autocast. "-autocast": as a diffusers pipeline call runs, under torch.no_grad with parameters that
+    require grad (from_pretrained's), inside the one autocast context `autocast_span` opens around all
+    timed calls, so each weight is cast once and the cast is reused (torch's autocast cache). "-autocast-
+    per-call": a fresh context per call and no cached casts (the figure before issue 18)."""
     import torch
 
     if mode.endswith("-weights"):  # a cast copy: the float32 model stays for the other modes
         import copy
 
         model = copy.deepcopy(model).to(getattr(torch, DTYPE_NAMES[mode.split("-")[0]]))
-    autocast = None
-    if mode.endswith("-autocast"):
-        autocast = getattr(torch, DTYPE_NAMES[mode.split("-")[0]])
+    dtype = getattr(torch, DTYPE_NAMES[mode.split("-")[0]])
 
     def wrap(fn):
         def run():
-            if autocast is None:
-                return fn(model)
-            with torch.autocast(device.type, dtype=autocast):
+            if mode.endswith("-autocast"):
+                if not torch.is_autocast_enabled(device.type):
+                    raise RuntimeError("a -autocast runner runs inside autocast_span")
+                model.requires_grad_(True)  # (the casts are cached only for leaves that require grad)
+                with torch.inference_mode(False), torch.no_grad():
+                    return fn(model)
+            if mode.endswith("-per-call"):
+                model.requires_grad_(False)  # no cached casts: each call casts again, as its own context would
+                with torch.inference_mode(False), torch.no_grad(), torch.autocast(device.type, dtype=dtype):
+                    return fn(model)
+            with torch.autocast(device.type, enabled=False):
                 return fn(model)
 
         return run
@@ -237,11 +261,33 @@ def diffusers_runner(model, mode: str, device):
     return model, wrap
 
 
+def autocast_span(modes: list[str], device):
+    """The one autocast context the "-autocast" runners share, around the warm-up and all timed calls
+    (every other runner disables autocast inside it); a null context when no mode needs it."""
+    import torch
+
+    shared = [m for m in modes if m.endswith("-autocast")]
+    if not shared:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=getattr(torch, DTYPE_NAMES[shared[0].split("-")[0]]))
+
+
+def no_autocast(fn, device):
+    """`fn` with autocast off (ours, inside `autocast_span`)."""
+    import torch
+
+    def run():
+        with torch.autocast(device.type, enabled=False):
+            return fn()
+
+    return run
+
+
 def diffusers_modes(dtype_name: str, device, extra_bf16_weights: bool) -> list[str]:
     if dtype_name == "fp32":
         return ["fp32"]
     if dtype_name == "bf16":
-        return ["bf16-autocast"] + (["bf16-weights"] if extra_bf16_weights else [])
+        return ["bf16-autocast", "bf16-autocast-per-call"] + (["bf16-weights"] if extra_bf16_weights else [])
     return ["fp16-weights"] if device.type == "cuda" else ["fp16-autocast"]
 
 
@@ -259,15 +305,17 @@ def with_fused_attention(fn):
     return run
 
 
-def interleaved(runners: dict, device, repeats: int) -> dict[str, list[float]]:
-    """Warm each runner once, then time them in turns: `repeats` rounds of ours, theirs, ..."""
-    for fn in runners.values():
-        fn()
-        sync(device)
-    times = {name: [] for name in runners}
-    for _ in range(repeats):
-        for name, fn in runners.items():
-            times[name].append(timed(fn, device))
+def interleaved(runners: dict, device, repeats: int, span=None) -> dict[str, list[float]]:
+    """Warm each runner once, then time them in turns: `repeats` rounds of ours, theirs, ...; all of it
+    inside the context `span` (`autocast_span`) when given."""
+    with span if span is not None else contextlib.nullcontext():
+        for fn in runners.values():
+            fn()
+            sync(device)
+        times = {name: [] for name in runners}
+        for _ in range(repeats):
+            for name, fn in runners.items():
+                times[name].append(timed(fn, device))
     return times
 
 
@@ -346,19 +394,24 @@ def case_unet(case: dict) -> dict:
         if case["compile"]:
             ours = torch.compile(unet)
             out["compile_first_call_s"] = timed(lambda: ours(x, t, ctx), device)
-        runners = {"ours": lambda: ours(x, t, ctx)}
-        first = interleaved(runners, device, 1)["ours"]  # ours alone first: its own peak RSS
-        out["peak_rss_gib"] = peak_rss_gib()
-        if case.get("attention") == "both":
-            runners["sd_cli, fused attention"] = with_fused_attention(runners["ours"])
-        if case["diffusers"]:
+        modes = diffusers_modes(case["dtype"], device, case["diffusers_bf16_weights"]) if case["diffusers"] else []
+        if case.get("diffusers_alone") and modes:  # diffusers in a process without our model beside it
             ref = diffusers_unet(unet, cfg, device)
-            for mode in diffusers_modes(case["dtype"], device, case["diffusers_bf16_weights"]):
-                _, wrap = diffusers_runner(ref, mode, device)
-                runners[f"diffusers {mode}"] = wrap(lambda m: m(x, t, encoder_hidden_states=ctx).sample)
-        times = interleaved(runners, device, case["repeats"])
-        times["ours"] = first + times["ours"]
-    out["ours_s"] = times.pop("ours")
+            del ours, unet
+            runners = {}
+            first = None
+        else:
+            runners = {"ours": no_autocast(lambda: ours(x, t, ctx), device)}
+            first = interleaved(runners, device, 1)["ours"]  # ours alone first: its own peak RSS
+            out["peak_rss_gib"] = peak_rss_gib()
+            if case.get("attention") == "both":
+                runners["sd_cli, fused attention"] = with_fused_attention(runners["ours"])
+            ref = diffusers_unet(unet, cfg, device) if modes else None
+        for mode in modes:
+            _, wrap = diffusers_runner(ref, mode, device)
+            runners[f"diffusers {mode}"] = wrap(lambda m: m(x, t, encoder_hidden_states=ctx).sample)
+        times = interleaved(runners, device, case["repeats"], autocast_span(modes, device))
+    out["ours_s"] = first + times.pop("ours") if first is not None else None
     out["diffusers"] = times  # every other runner: diffusers per mode (and our fused-attention variant)
     return out
 
@@ -381,20 +434,21 @@ def case_vae(case: dict) -> dict:
     with torch.inference_mode():
         zd = z.to(dtype)
         decode = {"whole": vae.decode, "bands": lambda z: decode_banded(vae, z), "tiles": lambda z: decode_tiled(vae, z)}
-        runners = {"ours": lambda: decode[method](zd)}
+        runners = {"ours": no_autocast(lambda: decode[method](zd), device)}
         first = interleaved(runners, device, 1)["ours"]
         out["peak_rss_gib"] = peak_rss_gib()
         if device.type == "cuda":
             out["peak_cuda_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         if case.get("attention") == "both":
             runners["sd_cli, fused attention"] = with_fused_attention(runners["ours"])
-        if case["diffusers"]:
+        modes = diffusers_modes(case["dtype"], device, case["diffusers_bf16_weights"]) if case["diffusers"] else []
+        if modes:
             ref = diffusers_vae(vae, cfg, device)
-            for mode in diffusers_modes(case["dtype"], device, case["diffusers_bf16_weights"]):
+            for mode in modes:
                 model, wrap = diffusers_runner(ref, mode, device)
                 zz = z.to(next(model.parameters()).dtype)
                 runners[f"diffusers {mode}"] = wrap(lambda m, zz=zz: m.decode(zz).sample)
-        times = interleaved(runners, device, case["repeats"])
+        times = interleaved(runners, device, case["repeats"], autocast_span(modes, device))
         times["ours"] = first + times["ours"]
     out["ours_s"] = times.pop("ours")
     out["diffusers"] = times  # every other runner: diffusers per mode (and our fused-attention variant)
@@ -507,8 +561,130 @@ def case_hires(case: dict) -> dict:
     return {"ours_s": [total], "load_s": load_s, "peak_rss_gib": peak_rss_gib(), "size": list(images[0].size)}
 
 
+def parse_variant(text: str) -> dict:
+    """An accel variant: "off" -> {}, "fast" -> the --fast preset (at guidance), or "+"-joined Generation
+    options: "deepcache=3+deepcache_branch=5", "cfg_interval=0.28,5.42" (inf allowed), "tome=0.5"."""
+    from sd_cli.run.settings import FASTER_KEYS, faster_options
+
+    text = text.strip()
+    if text in ("off", ""):
+        return {}
+    if text == "fast":
+        return faster_options({}, True, 7.5)
+    out = {}
+    for part in text.split("+"):
+        key, _, value = part.partition("=")
+        if key not in FASTER_KEYS:
+            raise SystemExit(f"bench: unknown accel option {key!r}; choose from {', '.join(FASTER_KEYS)}")
+        out[key] = tuple(float(v) for v in value.split(",")) if key == "cfg_interval" else (
+            float(value) if key == "tome" else int(value))
+    return out
+
+
+class UNetCalls:
+    """Counts UNet calls and their batch rows: every call (full, shallow or plain) starts with `prepare`;
+    only a full one runs the middle block."""
+
+    def __init__(self, unet):
+        self.unet, self.rows, self.full_rows = unet, 0, 0
+        prepare = unet.prepare
+
+        def counted(x, t, context):
+            self.rows += x.shape[0]
+            return prepare(x, t, context)
+
+        unet.prepare = counted
+        unet.middle_block.register_forward_hook(lambda m, args, out: setattr(self, "full_rows",
+                                                                             self.full_rows + args[0].shape[0]))
+
+    def take(self) -> tuple[int, int]:
+        """(full rows, shallow rows) since the last take."""
+        full, shallow = self.full_rows, self.rows - self.full_rows
+        self.rows = self.full_rows = 0
+        return full, shallow
+
+
+def accel_model(case: dict, torch, device, dtype):
+    """The full-size SD v1 model with the random-weight checkpoint, or (--accel-model demo) the demo model."""
+    from sd_cli.weights.config import load_config
+    from sd_cli.weights.loading import load_model, prepare_for_inference
+
+    if case.get("accel_model") == "demo":
+        from sd_cli.demo import DEMO_CKPT, DEMO_CONFIG
+
+        model = load_model(load_config(DEMO_CONFIG).model, DEMO_CKPT, device=device, dtype=dtype)
+    else:
+        model = load_model(model_config(), Path(case["ckpt"]), device=device, dtype=dtype)
+    return prepare_for_inference(model, channels_last=case["channels_last"])
+
+
+def case_accel(case: dict) -> dict:
+    """Each variant's image of one seed through the pipeline, interleaved: sampling time per image, UNet
+    row-evaluations per image (full, shallow) and the mean |pixel difference| (0-255) from variant "off"."""
+    torch, device, dtype = setup(case)
+    import numpy as np
+
+    from sd_cli.pipeline.generate import Pipeline, initial_noise
+
+    model = accel_model(case, torch, device, dtype)
+    pipe = Pipeline(model, device, on_warning=lambda m: print(f"warning: {m}", file=sys.stderr),
+                    vae_tiling=case["vae_tiling"])
+    calls = UNetCalls(model.model.diffusion_model)
+    variants = {v.strip(): parse_variant(v) for v in case["variants"].split(";")}
+    scale = 3.0 if case.get("accel_model") == "demo" else 7.5
+    b = case["batch"]
+
+    def render(opts: dict):
+        gen = torch.Generator("cpu").manual_seed(case["seed"])
+        noise = initial_noise(gen, b, 4, case["res"], case["res"], 8)
+        sync(device)
+        t0 = time.perf_counter()
+        latents = pipe.latents([PROMPT] * b, noise, sampler=case["sampler"], steps=case["steps"], scale=scale,
+                               generator=gen, **opts)
+        sync(device)
+        return latents, time.perf_counter() - t0
+
+    out: dict = {"variants": {}}
+    images = {}
+    with torch.inference_mode():
+        for name, opts in variants.items():  # the warm-up: images, counts (and with --repeats 0 the timing)
+            latents, seconds = render(opts)
+            images[name] = pipe.decode(latents)
+            out["variants"][name] = {"options": {k: list(v) if isinstance(v, tuple) else v for k, v in opts.items()},
+                                     "rows_per_image": [n / b for n in calls.take()],
+                                     "sampling_s": [] if case["repeats"] else [seconds]}
+        for _ in range(case["repeats"]):
+            for name, opts in variants.items():
+                out["variants"][name]["sampling_s"].append(render(opts)[1])
+    ref = images.get("off")
+    for name, img in images.items():
+        d = np.abs(img.astype(np.int16) - ref.astype(np.int16)) if ref is not None else None
+        out["variants"][name]["mean_abs_diff"] = float(d.mean()) if d is not None else None
+    out["ours_s"] = out["variants"][next(iter(variants))]["sampling_s"]
+    out["peak_rss_gib"] = peak_rss_gib()
+    return out
+
+
+def accel_table(results: list[dict]) -> str:
+    """One row per accel variant: sampling time per image, its ratio to "off", UNet rows, pixel distance."""
+    lines = ["| res | dtype | variant | sampling / image | / off | UNet rows / image: full + shallow | "
+             "mean abs diff from off (0-255) |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        if r.get("piece") != "accel" or "variants" not in r:
+            continue
+        base = med(r["variants"].get("off", {}).get("sampling_s"))
+        for name, v in r["variants"].items():
+            t = med(v["sampling_s"])
+            ratio = f"{t / base:.2f}" if base else "-"
+            full, shallow = v["rows_per_image"]
+            diff = "-" if v["mean_abs_diff"] is None else f"{v['mean_abs_diff']:.2f}"
+            lines.append(f"| {r['res']} | {r['dtype']} | {name} | {fmt_s(t)} | {ratio} | {full:g} + {shallow:g} | "
+                         f"{diff} |")
+    return "\n".join(lines)
+
+
 CASES = {"text": case_text, "unet": case_unet, "vae": case_vae, "load": case_load, "image": case_image,
-         "hires": case_hires}
+         "hires": case_hires, "accel": case_accel}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -617,6 +793,9 @@ def table(results: list[dict]) -> str:
                 notes.append("VAE fell back to fp32")
         if r["piece"] == "load":
             notes.append(f"{r.get('file_gib', 0):.1f} GiB fp32 file, warm page cache")
+        if r["piece"] == "accel":
+            notes.append(f"{r['sampler']} {r['steps']} steps, sampling only, variant "
+                         f"{next(iter(r.get('variants', {'?': 0})))}; all variants: the accel table below")
         if r["piece"] == "hires":
             notes.append(f"{r['sampler']} {r['steps']} + hires {int(0.7 * r['steps']) + 1} steps to "
                          f"{'x'.join(map(str, r.get('size', [])))}; load {fmt_s(r.get('load_s'))} (not in total)")
@@ -634,7 +813,7 @@ def table(results: list[dict]) -> str:
             lines.append(f"| {r['piece']} | {r['res'] or '-'} | {r['batch']} | {r['dtype']} | {fmt_s(ours)} | - | - | {rss} | {'; '.join(notes)} |")
         for i, (mode, times) in enumerate(diff.items()):
             theirs = med(times)
-            ratio = ours / theirs if theirs else float("nan")
+            ratio = ours / theirs if theirs and ours else float("nan")
             first = fmt_s(ours) if i == 0 else "〃"
             lines.append(f"| {r['piece']} | {r['res'] or '-'} | {r['batch']} | {r['dtype']} | {first} | {fmt_s(theirs)} ({mode.removeprefix('diffusers ')}) "
                          f"| {ratio:.2f} | {rss} | {'; '.join(notes)} |")
@@ -700,6 +879,13 @@ def main(argv=None) -> int:
     p.add_argument("--compile", action="store_true", help="torch.compile our UNet (unet piece; reports compile time)")
     p.add_argument("--no-diffusers", action="store_true", help="skip the diffusers comparison")
     p.add_argument("--diffusers-bf16-weights", action="store_true", help="also time diffusers with bf16 weights")
+    p.add_argument("--diffusers-alone", action="store_true",
+                   help="unet piece: time diffusers in a process without our UNet (built from it, then freed)")
+    p.add_argument("--variants", default=ACCEL_VARIANTS,
+                   help="accel piece: ';'-separated variants, each off, fast, or '+'-joined options "
+                        "(deepcache=N, deepcache_branch=B, cfg_interval=LO,HI, tome=R) (default: %(default)s)")
+    p.add_argument("--accel-model", choices=("full", "demo"), default="full",
+                   help="accel piece: the full-size random-weight SD v1 model, or the demo model (a smoke check)")
     p.add_argument("--sampler", default=None, help="image piece: sampler (default: the CLI's default)")
     p.add_argument("--steps", type=int, default=None, help="image piece: steps (default: the CLI's default)")
     p.add_argument("--seed", type=int, default=42)
@@ -728,6 +914,8 @@ def main(argv=None) -> int:
             machines.append(data["machine"])
         print(f"machine: {json.dumps(machines[0])}; figures: {args.stat} of each runner's timed calls\n")
         print(table(results))
+        if any(r.get("piece") == "accel" for r in results):
+            print("\n" + accel_table(results))
         for d in image_diffs(results):
             print(f"\npixels compared: {d}")
         return 0
@@ -752,7 +940,7 @@ def main(argv=None) -> int:
         print("[bench] diffusers is not importable: timing ours only", file=sys.stderr)
 
     ckpt = args.ckpt
-    if ckpt is None and {"load", "image", "hires"} & set(pieces):
+    if ckpt is None and ({"load", "image", "hires"} & set(pieces) or "accel" in pieces and args.accel_model == "full"):
         ckpt = str(Path(tempfile.gettempdir()) / "sd_cli_bench" / "random-sd1-fp32.safetensors")
         if not Path(ckpt).exists():
             print(f"[bench] writing random-weight checkpoint {ckpt} (~4.3 GB, once) ...", file=sys.stderr, flush=True)
@@ -773,6 +961,8 @@ def main(argv=None) -> int:
                         "diffusers_bf16_weights": args.diffusers_bf16_weights,
                         "sampler": args.sampler or DEFAULT_SAMPLER, "steps": args.steps or DEFAULT_STEPS,
                         "seed": args.seed, "ckpt": ckpt, "malloc": malloc,
+                        "diffusers_alone": args.diffusers_alone, "variants": args.variants,
+                        "accel_model": args.accel_model,
                     }
                     r = run_child(case, args.timeout)
                     results.append(r)
@@ -786,6 +976,8 @@ def main(argv=None) -> int:
           f"amx_bf16={info['amx_bf16']}, torch {info['torch']}, diffusers {info['diffusers']}, {threads} threads; "
           f"figures: {args.stat} of each runner's timed calls\n")
     print(table(results))
+    if "accel" in pieces:
+        print("\n" + accel_table(results))
     for d in diffs:
         if "malloc_heap" in d:
             print(f"\n{d['malloc_heap']} vs {d['malloc_default']}: max |diff| {d['max_abs']} (the allocator must not change a pixel)")

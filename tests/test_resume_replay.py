@@ -56,7 +56,8 @@ OTHER = {"prompt": "a dog", "negative_prompt": "blurry", "seed": 43, "batch_inde
          "vae": {"name": "vae.safetensors", "sha256": "cd" * 32},
          "init_image": {"sha256": "ef" * 32, "width": 64, "height": 64}, "strength": 0.5, "encode": "mean",
          "subseed": 7, "subseed_strength": 0.3, "hires": {"scale": 2.0, "upscaler": "latent", "steps": 5},
-         "mask": {"sha256": "12" * 32, "blur": 4, "fill": "original"}, "prompt_editing": True}  # (from prompt_syntax on: absent in META,
+         "mask": {"sha256": "12" * 32, "blur": 4, "fill": "original"}, "prompt_editing": True,
+         "deepcache": 2, "deepcache_branch": 1, "cfg_interval": [1.0, None], "tome": 0.5}  # (from prompt_syntax on: absent in META,
 #                                                                     which means their defaults)
 
 

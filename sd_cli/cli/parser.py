@@ -11,7 +11,7 @@ import argparse
 
 from sd_cli.run.report import one_line
 from sd_cli.run.settings import (COMPVIS_STEPS, DEFAULT_CKPT, DEFAULT_EMBEDDINGS, DEFAULT_PROMPT, DEFAULT_SAMPLER,
-                                 DEFAULT_STEPS)
+                                 DEFAULT_STEPS, MAX_DEEPCACHE, MAX_TOME, fast_preset_text)
 from sd_cli.version import __version__
 from sd_cli.weights.config import DEFAULT_CONFIG
 from sd_cli.weights.dtypes import DTYPE_CHOICES
@@ -91,6 +91,7 @@ def build_parser(command: str = "txt2img") -> argparse.ArgumentParser:
     if img2img:
         _image_to_image(p)
     _sampling(p, names, sampler_lines, img2img)
+    _faster(p)
     _size_and_count(p, *((2, 1) if img2img else (3, 2)))  # CompVis' defaults of each script
     if not img2img:
         _hires(p)
@@ -226,6 +227,42 @@ def _sampling(p: argparse.ArgumentParser, names: list[str], sampler_lines: str, 
                    metavar="X", help="how far toward the variation seed's noise, 0..1 (default: %(default)s)")
     g.add_argument("--fixed_code", "--fixed-code", action="store_true",
                    help="give every batch and iteration the first batch's seeds, so the same start noise")
+
+
+def _sigma(text: str) -> float:
+    """argparse type of --cfg-interval's two values: a number >= 0, or inf."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a sigma (a number, or inf)") from None
+    return value
+
+
+def _faster(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("faster sampling (README 'Faster sampling'; each option is off unless given)")
+    g.add_argument("--fast", action="store_true",
+                   help=f"the measured preset: {fast_preset_text()}; an option given as well wins over the "
+                        "preset's value (e.g. --fast --deepcache 2)")
+    g.add_argument("--deepcache", type=int, default=None, metavar="N",
+                   help=f"DeepCache: the whole UNet only every N-th call (the first and last always), in between "
+                        f"only its shallow ends with the deep up-path features of the last whole call; up to N "
+                        f"times fewer UNet FLOPs for a small change in the image, growing with N (1 = off, "
+                        f"at most {MAX_DEEPCACHE})")
+    g.add_argument("--deepcache-branch", "--deepcache_branch", dest="deepcache_branch", type=int, default=None,
+                   metavar="B", help="with --deepcache: how deep the shallow calls go, input block B and its "
+                                     "output block (0: the shallowest, fastest; 11: all but the middle block, "
+                                     "closest to the full call) (default: 0)")
+    g.add_argument("--cfg-interval", "--cfg_interval", dest="cfg_interval", nargs=2, type=_sigma, default=None,
+                   metavar=("LO", "HI"),
+                   help="guidance only while LO <= sigma <= HI (SD's sigmas run from 14.6 down to 0.03; HI may be "
+                        "inf); outside, one conditional UNet call instead of the guided pair: those steps cost "
+                        "about half. Guidance matters least at the first steps (the layout barely depends on it "
+                        "and it costs variety) and the last (fine detail); e.g. 0.28 5.42, Kynkaanniemi et al.'s "
+                        "interval, drops it at 13 of 25 default steps")
+    g.add_argument("--tome", type=float, default=None, metavar="RATIO",
+                   help=f"token merging (ToMe for SD): merge RATIO of the tokens in the full-resolution "
+                        f"self-attentions (seeded, so runs reproduce); faster at 512 px and above, where those "
+                        f"attentions dominate, softer detail as RATIO grows (0 = off, at most {MAX_TOME:g})")
 
 
 def _size_and_count(p: argparse.ArgumentParser, n_samples: int = 3, n_iter: int = 2) -> None:

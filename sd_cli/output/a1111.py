@@ -181,10 +181,40 @@ def a1111_text(meta: dict, schedule: str) -> str:
         "TI hashes": ", ".join(f"{k}: {v}" for k, v in meta["embeddings"].items()) if meta.get("embeddings") else None,
         "Eta DDIM": meta["eta"] if meta["sampler"] == "ddim" and meta["eta"] else None,
         "UniPC variant": "bh2" if meta["sampler"] == "uni_pc_bh2" else None,  # (A1111's setting's label)
+        **faster_fields(meta),
         "Batch size": bs if bs > 1 else None,
         "Batch pos": meta.get("batch_index") if bs > 1 else None,
         "Version": f"sd_cli {__version__}",
     })
+
+
+def faster_fields(meta: dict) -> dict:
+    """The faster-sampling options as infotext fields: A1111's own "Token merging ratio" (and "Token merging
+    ratio hr", which A1111 writes for a hires pass that merges too: ours uses the same ratio), and ours:
+    "DeepCache: N", "DeepCache branch: B", "CFG interval: LO-HI" (HI may be inf). None where off."""
+    tome, hr = meta.get("tome"), meta.get("hires")
+    interval = meta.get("cfg_interval")
+    return {
+        "Token merging ratio": tome or None,
+        "Token merging ratio hr": tome if tome and hr else None,
+        "DeepCache": meta["deepcache"] if meta.get("deepcache", 1) > 1 else None,
+        "DeepCache branch": meta.get("deepcache_branch", 0) if meta.get("deepcache", 1) > 1 else None,
+        "CFG interval": cfg_interval_text(*interval) if interval else None,
+    }
+
+
+def cfg_interval_text(lo: float, hi: float | None) -> str:
+    """"LO-HI" of a guidance interval (hi None or inf: "inf"), each as Python's shortest float text."""
+    return f"{float(lo)!r}-{'inf' if hi is None else repr(float(hi))}"
+
+
+_INTERVAL_RE = re.compile(r"(\d+(?:\.\d*)?(?:e[+-]?\d+)?)-(inf|\d+(?:\.\d*)?(?:e[+-]?\d+)?)")
+
+
+def parse_cfg_interval(text: str) -> tuple[float, float] | None:
+    """(LO, HI) of a "CFG interval" value ("1.0-inf", "0.28-5.42"), None if it is not one."""
+    m = _INTERVAL_RE.fullmatch(text.strip())
+    return (float(m.group(1)), float(m.group(2))) if m else None
 
 
 def lora_hashes(loras: list[dict]) -> str:

@@ -6,6 +6,7 @@ guided UNet on latents (B, 4, H/8, W/8) -> VAE decode (B, 3, H, W) -> uint8 imag
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Callable
 
@@ -19,11 +20,13 @@ from sd_cli.pipeline.prompt_syntax import extra_networks
 from sd_cli.output.pixels import to_uint8
 from sd_cli.model.ldm import LatentDiffusion
 from sd_cli.sampling.samplers import get_sampler, img2img_start
+from sd_cli.sampling.schedule import sigmas_from_alphas_cumprod
 from sd_cli.model.tokenizer import get_tokenizer
 from sd_cli.pipeline.vae_tiling import LatentDecoder
 from sd_cli.weights.precision import dtype_name
 
 log = logging.getLogger(__name__)
+TOME_SEED = 0  # token merging's destination draws: the same for every run, so images reproduce
 
 
 def initial_noise(
@@ -53,6 +56,45 @@ def schedule_steps(sampler: str, steps: int) -> int:
     """The steps prompt editing counts for `steps` of `sampler`: A1111 doubles them for its second-order
     samplers (two UNet calls a step), whose denoiser counts calls."""
     return steps * (2 if get_sampler(sampler).evals == 2 else 1)
+
+
+def pass_calls(info, steps: int, scheduler: str | None, start: int = 0) -> int:
+    """UNet evaluations of one sampling pass: the sampler's calls for `steps` (`SamplerInfo.calls`) less
+    those of the `start` steps an image-to-image pass skips (`evals` each: a skipped step is never the
+    last one, which takes a single call)."""
+    return info.calls(steps, scheduler) - info.evals * start
+
+
+def interval_calls(info, ac: torch.Tensor, steps: int, eta: float, extra: dict,
+                   interval: tuple[float, float]) -> int | None:
+    """The UNet evaluations of a pass whose sigma lies in `interval` (LO, HI) when the pass's last one
+    does (the uncond stream then ends with the run, and its last call is made full), else None (it ends
+    before: no forced full call). The sampler runs dry on a 1x1 latent with a zero eps-model (its
+    timesteps do not depend on the latents), counting the calls as `guided_eps_model` decides them."""
+    from sd_cli.pipeline.guidance import sigma_at
+
+    sigmas = sigmas_from_alphas_cumprod(ac.detach().to("cpu", torch.float32))
+    inside = []
+
+    def dry(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        inside.append(interval[0] <= sigma_at(t, sigmas) <= interval[1])
+        return torch.zeros_like(x)
+
+    info.fn(dry, torch.zeros(1, 4, 1, 1), ac.cpu(), steps, eta=eta, generator=torch.Generator().manual_seed(0),
+            **extra)
+    return sum(inside) if inside and inside[-1] else None
+
+
+@contextlib.contextmanager
+def _token_merging(unet, ratio: float):
+    """ToMe on `unet` inside the block (ratio 0: nothing); the patch goes on any way out (try/finally)."""
+    if not ratio:
+        yield
+        return
+    from sd_cli.model.tome import TokenMerging
+
+    with TokenMerging(unet, ratio, seed=TOME_SEED):
+        yield
 
 
 def _finite(ctx) -> bool:
@@ -188,6 +230,10 @@ class Pipeline:
         inpaint: tuple[torch.Tensor, torch.Tensor] | None = None,
         concat: torch.Tensor | None = None,
         prompt_steps: tuple[int, int | None] | None | str = "auto",
+        deepcache: int = 1,
+        deepcache_branch: int = 0,
+        cfg_interval: tuple[float, float] | None = None,
+        tome: float = 0.0,
     ) -> torch.Tensor:
         """Sampled latents (B, 4, H/8, W/8) float32 for B prompts from start noise (B, 4, H/8, W/8). Image
         to image: `init` (B, 4, H/8, W/8) scaled latents and `t_enc` denoising steps
@@ -196,7 +242,9 @@ class Pipeline:
         inpainting UNet also gets `concat` (B, 5, h, w): [mask, masked-image latents] (default: all
         repainted, `inpaint.concat_conditioning` of no image). Prompt editing (a1111 syntax): `prompt_steps`
         = (schedule steps, first-pass steps of a hires pass or None), "auto" = A1111's for this sampler and
-        `steps`, None = off (images made before it)."""
+        `steps`, None = off (images made before it). Faster sampling (README "Faster sampling"): `deepcache`
+        N > 1 with `deepcache_branch` B (`deepcache.DeepCacheUNet`), `cfg_interval` (LO, HI) in sigma
+        (`guidance.guided_eps_model`), `tome` ratio > 0 (`tome.TokenMerging`); the defaults are off."""
         batch = len(prompts)
         if noise.shape[0] != batch:
             raise ValueError(f"noise batch {noise.shape[0]} != {batch} prompts")
@@ -209,8 +257,16 @@ class Pipeline:
         if not (_finite(cond) and (uncond is None or _finite(uncond))):
             raise SdCliError(f"the text encoder produced non-finite values (NaN/inf); {self._nan_hint()}")
 
-        # 2. Classifier-free guidance: one batched UNet call per model evaluation.
-        eps_model = guided_eps_model(self._unet(noise, concat), cond, uncond, scale)
+        # 2. Classifier-free guidance: one batched UNet call per model evaluation. DeepCache with a guidance
+        # interval: uncond and cond as two calls, each its own DeepCache stream (the cond one sees every
+        # evaluation, so its cache spans the switch from guided to conditional calls).
+        sigmas = None if cfg_interval is None else sigmas_from_alphas_cumprod(
+            self.model.alphas_cumprod.detach().to("cpu", torch.float32))  # (n,) as the k-samplers' sigmas
+        split = deepcache > 1 and cfg_interval is not None and uncond is not None
+        caches = [self._deepcache(deepcache, deepcache_branch) for _ in range(1 + split)] if deepcache > 1 else []
+        unets = [self._unet(noise, concat, cache) for cache in caches] or [self._unet(noise, concat)]
+        eps_model = guided_eps_model(unets[0], cond, uncond, scale, cfg_interval=cfg_interval, sigmas=sigmas,
+                                     uncond_unet=unets[1] if split else None)
 
         # 3. Denoising loop from the seeded start latents (kept in float32 between steps).
         if init is not None and t_enc == 0:
@@ -221,20 +277,27 @@ class Pipeline:
             kept, repaint = (v.to(self.device, torch.float32) for v in inpaint)
             eps_model = masked_eps_model(eps_model, kept, repaint, self.model.alphas_cumprod.to(self.device))
         out = self._denoise(eps_model, noise, sampler, steps, eta, generator, callback, scheduler, s_noise,
-                            init, t_enc)
+                            init, t_enc, caches, tome, cfg_interval)
         return out if inpaint is None else out * repaint + kept * (1 - repaint)
 
-    def _unet(self, noise: torch.Tensor, concat: torch.Tensor | None):
-        """The UNet as the sampler calls it; an inpainting UNet gets [x, mask, masked-image latents]."""
+    def _deepcache(self, interval: int, branch: int):
+        """A new DeepCache wrapper of the raw UNet (one per sampling pass and call stream)."""
+        from sd_cli.model.deepcache import DeepCacheUNet
+
+        return DeepCacheUNet(self.model.model.diffusion_model, interval, branch)
+
+    def _unet(self, noise: torch.Tensor, concat: torch.Tensor | None, cache=None):
+        """The UNet as the sampler calls it: the model's, or its DeepCache wrapper `cache`; an inpainting
+        UNet gets [x, mask, masked-image latents] (the concat stays outside DeepCache)."""
+        unet = cache if cache is not None else self.model.unet
         if not self.model.cfg.inpainting:
-            return self.model.unet
+            return unet
         from sd_cli.pipeline.inpaint import concat_conditioning
 
         if concat is None:  # text to image with an inpainting model: everything is repainted
             b, _, h, w = noise.shape
             concat = concat_conditioning(self, None, None, b, (h, w))
         cc = concat.to(self.device, torch.float32)  # (B, 5, h, w)
-        unet = self.model.unet
 
         def with_concat(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
             rows = cc.repeat(x.shape[0] // cc.shape[0], 1, 1, 1)  # [uncond; cond] halves: the same rows
@@ -251,11 +314,14 @@ class Pipeline:
         return to_uint8(pixels)
 
     def _denoise(self, eps_model, noise, sampler, steps, eta, generator, callback, scheduler, s_noise,
-                 init, t_enc) -> torch.Tensor:
+                 init, t_enc, caches=(), tome: float = 0.0, cfg_interval=None) -> torch.Tensor:
         """The sampler's loop: latents (B, 4, h, w) float32 from noise (txt2img) or from `init` noised to
         the level of t_enc (img2img). NaN guard: every step's latents are checked (one reduction on a
         small tensor) and the error names the first bad step; on the CPU a bad step stops the run at
-        once, on a GPU the flags stay on the device and are read once after the loop (no sync per step)."""
+        once, on a GPU the flags stay on the device and are read once after the loop (no sync per step).
+        `caches`: the pass's DeepCache wrappers, each reset to the calls its stream gets (`pass_calls`; the
+        uncond stream of a guidance interval: the calls inside it, `interval_calls`); `tome` > 0: token
+        merging on the UNet for the loop only (seeded, so runs reproduce; removed on any way out)."""
         info = get_sampler(sampler)
         x_T = noise.to(self.device, torch.float32)  # (B, 4, H/8, W/8)
         ac = self.model.alphas_cumprod.to(self.device)
@@ -283,7 +349,11 @@ class Pipeline:
             if callback is not None:
                 callback(i, total, x)
 
-        latents = info.fn(eps_model, x_T, ac, steps, eta=eta, generator=generator, callback=checked, **extra)
+        for i, cache in enumerate(caches):  # [cond (or the batched pair)] or [cond, uncond]
+            cache.reset(pass_calls(info, steps, scheduler, extra.get("start", 0)) if i == 0 else
+                        interval_calls(info, ac, steps, eta, extra, cfg_interval))
+        with _token_merging(self.model.model.diffusion_model, tome):
+            latents = info.fn(eps_model, x_T, ac, steps, eta=eta, generator=generator, callback=checked, **extra)
         if finite:
             flags = torch.stack(finite).cpu().tolist()
             if not all(flags):

@@ -120,6 +120,10 @@ class StableDiffusion:
         if gen.clip_skip > m.text.num_hidden_layers:
             raise UsageError(f"--clip-skip {gen.clip_skip}: this model's text encoder has {m.text.num_hidden_layers} "
                              "layers")
+        blocks = 1 + len(m.unet.channel_mult) * m.unet.num_res_blocks + len(m.unet.channel_mult) - 1
+        if gen.deepcache_branch >= blocks:
+            raise UsageError(f"--deepcache-branch {gen.deepcache_branch}: this model's UNet has {blocks} input blocks "
+                             f"(0..{blocks - 1})")
 
     def pipeline(self):
         """The model, loaded on first use."""
@@ -170,6 +174,7 @@ class StableDiffusion:
                           "strength": gen.hr_denoise, "width": gen.out_size[0], "height": gen.out_size[1],
                           "steps_rule": gen.hr_rule}}
                if gen.hr_scale else {}),
+            **_faster_fields(gen),
             "sd_cli_version": __version__,
         }
 
@@ -249,7 +254,8 @@ class StableDiffusion:
         common = dict(negative_prompt=gen.negative_prompt, sampler=gen.sampler, scale=gen.scale, eta=gen.eta,
                       callback=on_step, prompt_syntax=gen.prompt_syntax, clip_skip=gen.clip_skip,
                       scheduler=gen.scheduler, s_noise=gen.s_noise,
-                      prompt_steps="auto" if gen.prompt_editing else None)
+                      prompt_steps="auto" if gen.prompt_editing else None, deepcache=gen.deepcache,
+                      deepcache_branch=gen.deepcache_branch, cfg_interval=gen.cfg_interval, tome=gen.tome)
         latents = pipe.latents(list(item.prompts), noise, steps=gen.steps, generator=generator, init=init,
                                t_enc=t_enc, inpaint=inpaint, concat=concat, **common)  # (B, 4, H/8, W/8)
         if gen.hr_scale:
@@ -265,8 +271,10 @@ class StableDiffusion:
         """`n` images of `prompt` as one batch (PIL images carrying the CLI's metadata in `.info`), equal
         to `sd-txt2img --prompt PROMPT --seed SEED --n_samples N --n_iter 1`. Keyword settings as
         `Generation.create`: negative_prompt, sampler, steps, scale, eta, height, width, fixed_code,
-        watermark. The prompt's `<lora:NAME:W>` tags and the `set_loras` set apply. Nothing is written;
-        `image.save(path)` keeps the metadata, `save_images` numbers files."""
+        watermark, and the faster sampling of README "Faster sampling" (deepcache, deepcache_branch,
+        cfg_interval=(LO, HI), tome; `settings.FAST_PRESET` is --fast's). The prompt's `<lora:NAME:W>` tags
+        and the `set_loras` set apply. Nothing is written; `image.save(path)` keeps the metadata,
+        `save_images` numbers files."""
         from sd_cli.output.a1111 import a1111_text
         from sd_cli.sampling.samplers import get_sampler
 
@@ -416,6 +424,20 @@ def _init_latents(pipe, gen: Generation, batch: int, generator):
     else:
         latents = pipe.encode_images(np.repeat(pixels, batch, axis=0), "sample", generator)
     return latents, denoising_steps(gen.strength, gen.steps)
+
+
+def _faster_fields(gen: Generation) -> dict:
+    """DeepCache, the guidance interval and token merging, each only when it is on (images without them
+    keep their metadata as it was). An open upper end of the interval is written as null (JSON has no inf)."""
+    out: dict = {}
+    if gen.deepcache > 1:
+        out.update(deepcache=gen.deepcache, deepcache_branch=gen.deepcache_branch)
+    if gen.cfg_interval is not None:
+        lo, hi = gen.cfg_interval
+        out["cfg_interval"] = [float(lo), float(hi) if hi != float("inf") else None]
+    if gen.tome:
+        out["tome"] = float(gen.tome)
+    return out
 
 
 def _sampling_fields(gen: Generation) -> dict:

@@ -18,7 +18,7 @@ import numpy as np
 from sd_cli.demo import DEMO_CKPT, DEMO_CONFIG
 from sd_cli.demo import scenes as D
 from sd_cli.run.api import StableDiffusion
-from sd_cli.run.settings import Generation, Runtime
+from sd_cli.run.settings import FASTER_KEYS, Generation, Runtime, faster_options
 from sd_cli.run.work import WorkPlan
 
 
@@ -38,11 +38,14 @@ def load_demo(ckpt: Path = DEMO_CKPT, config: Path = DEMO_CONFIG, threads: int =
     return StableDiffusion(Runtime(Path(ckpt), str(config), True, "cpu", "fp32", None, threads))
 
 
-def generate(sd: StableDiffusion, prompts: list[str], sampler: str, steps: int, scale: float, seed: int) -> np.ndarray:
-    """One batch of all `prompts` from `seed`, through the CLI's render path."""
+def generate(sd: StableDiffusion, prompts: list[str], sampler: str, steps: int, scale: float, seed: int,
+             faster: dict | None = None) -> np.ndarray:
+    """One batch of all `prompts` from `seed`, through the CLI's render path; `faster`: Generation's
+    faster-sampling keywords (deepcache, deepcache_branch, cfg_interval, tome; none: off)."""
     gen = Generation.create(prompts, demo=True, from_file=True, n_samples=len(prompts), sampler=sampler,
                             steps=steps, scale=scale, eta=None, seed=seed, watermark=False,
-                            seed_rule="batch")  # the rule the README's accuracy figures were measured with
+                            seed_rule="batch",  # the rule the README's accuracy figures were measured with
+                            **(faster or {}))
     return np.stack(sd.render(gen, WorkPlan(gen, {})[0]))
 
 
@@ -70,6 +73,31 @@ class EvalOptions:
     threads: int = 1
     save: Path | None = None
     json: Path | None = None
+    deepcache: int | None = None  # faster sampling, as sd-txt2img's flags (None: not given; --fast's preset)
+    deepcache_branch: int | None = None
+    cfg_interval: tuple[float, float] | None = None
+    tome: float | None = None
+    fast: bool = False
+
+    def faster(self, scale: float) -> dict:
+        """The faster-sampling keywords of a row at guidance `scale` (no guidance: no interval)."""
+        given = {k: getattr(self, k) for k in FASTER_KEYS}
+        out = faster_options(given, self.fast, scale)
+        if scale == 1.0:
+            out.pop("cfg_interval", None)
+        return out
+
+
+def faster_label(faster: dict) -> str:
+    """"deepcache 3 (branch 0), cfg-interval 1-inf, tome 0.5", or "off"."""
+    parts = []
+    if faster.get("deepcache", 1) > 1:
+        parts.append(f"deepcache {faster['deepcache']} (branch {faster.get('deepcache_branch', 0)})")
+    if faster.get("cfg_interval"):
+        parts.append("cfg-interval {:g}-{:g}".format(*faster["cfg_interval"]))
+    if faster.get("tome"):
+        parts.append(f"tome {faster['tome']:g}")
+    return ", ".join(parts) or "off"
 
 
 def _prompt_sets(train_prompts: bool) -> dict[str, list]:
@@ -96,21 +124,24 @@ def evaluate(opts: EvalOptions) -> int:
     print(f"classifier on ground-truth renders ({len(D.all_scenes())} scenes x 10 layouts): {acc:.1%}", flush=True)
     sd = load_demo(opts.ckpt, opts.config, opts.threads)
     results = []
-    print("\n| prompts | sampler | steps | scale | all correct | shape | color | background | s/image |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| prompts | sampler | steps | scale | faster | all correct | shape | color | background | s/image |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     grid = [(sampler, int(steps), float(scale)) for sampler in opts.samplers.split(",")
             for steps in opts.steps.split(",") for scale in opts.scales.split(",")]
     for set_name, scenes in _prompt_sets(opts.train_prompts).items():
         prompts = [s.prompt() for s in scenes]
         for sampler, steps, scale in grid:
+            faster = opts.faster(scale)
             t1 = time.time()
-            imgs = np.concatenate([generate(sd, prompts, sampler, steps, scale, seed) for seed in range(opts.seeds)])
+            imgs = np.concatenate([generate(sd, prompts, sampler, steps, scale, seed, faster)
+                                   for seed in range(opts.seeds)])
             per = (time.time() - t1) / len(imgs)
             sc = score(imgs, scenes * opts.seeds)
             results.append({"prompts": set_name, "sampler": sampler, "steps": steps, "scale": scale,
+                            "faster": {k: list(v) if isinstance(v, tuple) else v for k, v in faster.items()},
                             **sc, "seconds_per_image": per})
-            print(f"| {set_name} | {sampler} | {steps} | {scale:g} | {sc['all']:.0%} | {sc['shape']:.0%} | "
-                  f"{sc['color']:.0%} | {sc['bg']:.0%} | {per:.2f} |", flush=True)
+            print(f"| {set_name} | {sampler} | {steps} | {scale:g} | {faster_label(faster)} | {sc['all']:.0%} | "
+                  f"{sc['shape']:.0%} | {sc['color']:.0%} | {sc['bg']:.0%} | {per:.2f} |", flush=True)
             if opts.save:
                 _save_grid(opts.save, f"{set_name}-{sampler}-{steps}-{scale:g}", imgs, len(prompts), opts.seeds)
     print(f"\nheld-out prompts: {', '.join(s.prompt() for s in D.held_out())}")

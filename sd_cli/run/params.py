@@ -3,7 +3,8 @@ itself), for the flags the command line does not give.
 
 Read: prompt, negative prompt, Steps, Sampler (with Schedule type, or the older form with the schedule in
 the sampler's name, "DPM++ 2M Karras"), CFG scale, Seed, Size, Clip skip, Eta DDIM, Batch size, Variation
-seed and its strength; in sd-txt2img the hires fix (Hires upscale or Hires resize, Hires steps, Hires
+seed and its strength, Token merging ratio, DeepCache, DeepCache branch, CFG interval (and A1111's NGMS with
+"NGMS all steps: True" as the interval S-inf); in sd-txt2img the hires fix (Hires upscale or Hires resize, Hires steps, Hires
 upscaler, and Denoising strength as its strength); in sd-img2img Denoising strength as --strength. Fields
 that only describe the image (Model hash, Model, Version, Batch pos, TI hashes, Lora hashes, Token count)
 are not settings. Any other field (ENSD, a sampler or schedule type this tool lacks, Hires sampler, ...)
@@ -193,6 +194,54 @@ def _hires(fields: dict, out: dict, given: Collection[str], unused: list[str]) -
                          f"); give --hr-upscaler {'|'.join(HR_LABELS)} to run the hires fix with one of them instead")
 
 
+def _faster(fields: dict, out: dict, unused: list[str]) -> None:
+    """Token merging (A1111's "Token merging ratio", and "... hr" when it is the same ratio: this tool merges
+    in both passes alike), ours "DeepCache", "DeepCache branch", "CFG interval", and A1111's "NGMS: s" (no
+    negative prompt below sigma s) as the interval s..inf when "NGMS all steps: True" says A1111 skipped
+    it at every step; without that, A1111 skips it only every other call, which this tool does not do."""
+    from sd_cli.output.a1111 import parse_cfg_interval
+    from sd_cli.run.settings import MAX_TOME
+
+    if "Token merging ratio" in fields:
+        ratio = _number(fields, "Token merging ratio", float)
+        out["tome"] = min(ratio, MAX_TOME)
+        if ratio > MAX_TOME:  # (tomesd too merges at most the 3 non-destination tokens of each 2x2 cell)
+            unused.append(f"Token merging ratio: {ratio:g} (run as {MAX_TOME:g}: nothing more merges)")
+    if "Token merging ratio hr" in fields:
+        hr = fields.pop("Token merging ratio hr")
+        if _convert_float(hr) != out.get("tome"):
+            unused.append(f"Token merging ratio hr: {hr}")
+    if "DeepCache" in fields:
+        out["deepcache"] = _number(fields, "DeepCache", int)
+    if "DeepCache branch" in fields:
+        out["deepcache_branch"] = _number(fields, "DeepCache branch", int)
+    if "CFG interval" in fields:
+        text = fields.pop("CFG interval")
+        interval = parse_cfg_interval(text)
+        if interval is None:
+            raise UsageError(f"--params: CFG interval {text!r} is not LO-HI (two sigmas, HI may be inf)")
+        out["cfg_interval"] = interval
+    ngms, every = fields.pop("NGMS", None), fields.pop("NGMS all steps", None)
+    if ngms is not None and every == "True" and "cfg_interval" not in out:
+        lo = _convert_float(ngms)
+        if isinstance(lo, str):
+            raise UsageError(f"--params: NGMS {ngms!r} is not a number")
+        out["cfg_interval"] = (lo, float("inf"))
+    elif ngms is not None:
+        why = "" if every == "True" else " (A1111 skipped the negative prompt every other step below it; " \
+              "--cfg-interval S inf skips it at every step)"
+        unused.append(f"NGMS: {ngms}{why}")
+    elif every is not None:
+        unused.append(f"NGMS all steps: {every}")
+
+
+def _convert_float(text: str):
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def settings_from_infotext(text: str, command: str = "txt2img",
                            given: Collection[str] = ()) -> tuple[dict, list[str]]:
     """(Generation.create keyword arguments, the fields that were not used) of an infotext, for `command`
@@ -219,6 +268,7 @@ def settings_from_infotext(text: str, command: str = "txt2img",
                             ("Variation seed strength", "subseed_strength", float)):
         if key in fields:
             out[name] = _number(fields, key, kind)
+    _faster(fields, out, unused)
     if command == "img2img":
         if "Denoising strength" in fields:
             out["strength"] = _number(fields, "Denoising strength", float)

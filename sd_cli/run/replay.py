@@ -291,6 +291,28 @@ def recorded_hires(meta: dict, path: Path) -> dict:
             "hr_strength": float(hr["strength"]), "hr_rule": rule}
 
 
+def recorded_faster(meta: dict, path: Path) -> dict:
+    """DeepCache, the guidance interval and token merging of the image, as Generation keywords (absent:
+    off, as every image made before them)."""
+    out: dict = {}
+    n, branch = meta.get("deepcache", 1), meta.get("deepcache_branch", 0)
+    interval, tome = meta.get("cfg_interval"), meta.get("tome", 0.0)
+    num = (int, float)
+    ok = type(n) is int and type(branch) is int and type(tome) in num and (interval is None or (
+        isinstance(interval, list) and len(interval) == 2 and type(interval[0]) in num
+        and (interval[1] is None or type(interval[1]) in num)))
+    if not ok:
+        raise ReplayError(f"{path}: its sd_cli metadata has a malformed deepcache, deepcache_branch, cfg_interval "
+                          "or tome")
+    if n != 1:
+        out.update(deepcache=n, deepcache_branch=branch)
+    if interval is not None:
+        out["cfg_interval"] = (float(interval[0]), math.inf if interval[1] is None else float(interval[1]))
+    if tome:
+        out["tome"] = float(tome)
+    return out
+
+
 def _check_vae(req: ReplayRequest, runtime, meta: dict, log) -> None:
     """The image's --vae (by hash) is the one given now; neither, or both the same (--force: a warning)."""
     from sd_cli.weights.checkpoint import file_hash
@@ -341,7 +363,8 @@ def _regenerate(sd, rec: Recorded, meta: dict, path: Path, quiet: bool, init_fie
                          prompt_editing=meta.get("prompt_editing") is True,  # absent: brackets were emphasis
                          scheduler=_recorded_scheduler(meta, rec.sampler), s_noise=float(s_noise),
                          seed_rule=rule, loras=recorded_loras(meta, path), **init_fields,
-                         subseed=subseed, subseed_strength=float(sub_strength), **recorded_hires(meta, path))
+                         subseed=subseed, subseed_strength=float(sub_strength), **recorded_hires(meta, path),
+                         **recorded_faster(meta, path))
     except UsageError as err:
         raise ReplayError(f"{path}: its sd_cli metadata cannot be replayed: {err}") from None
     sd.check_loras(gen)  # the prompt's <lora:...> names are found before the model loads

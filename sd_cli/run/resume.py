@@ -4,7 +4,8 @@ A work item is one image of one batch. Its identity is the part of its `sd_cli` 
 decides its pixels (`KEY_FIELDS`): prompt, negative prompt, seed, position in the batch (batch_index,
 batch_size, n_samples: the rows of start noise drawn), steps, sampler, scale, eta, size, model hash,
 compute dtype, how the VAE decoded (whole, bands or tiles), whether the watermark was applied, and the
-LoRA and VAE files (by hash, with their weights), and the init image (by hash) with its strength. The device and
+LoRA and VAE files (by hash, with their weights), the init image (by hash) with its strength, and the
+faster-sampling options (DeepCache, the guidance interval, token merging; absent: off). The device and
 the CPU thread count are not part of it: an image made on another machine with the same settings counts
 as done (its pixels may differ in the last bit).
 
@@ -78,13 +79,18 @@ KEY_FIELDS = (
     "hires",
     "mask",
     "prompt_editing",
+    "deepcache",
+    "deepcache_branch",
+    "cfg_interval",
+    "tome",
 )
 # Fields newer than some images: their value when a file does not have them (what made those images).
 KEY_DEFAULTS = {"prompt_syntax": "plain", "clip_skip": 1, "embeddings": {}, "scheduler": None, "s_noise": 1.0, "seed_rule": "batch",
                 "loras": [], "vae": None, "init_image": None, "strength": None, "encode": None,
                 "subseed": None, "subseed_strength": 0.0, "hires": None,
-                "mask": None, "prompt_editing": False}
-_FLOAT_FIELDS = ("scale", "eta")
+                "mask": None, "prompt_editing": False, "deepcache": 1, "deepcache_branch": 0, "cfg_interval": None,
+                "tome": 0.0}
+_FLOAT_FIELDS = ("scale", "eta", "tome")
 _MAX_WARNINGS = 5
 
 

@@ -52,6 +52,40 @@ def hires_size(width: int, height: int, scale: float) -> tuple[int, int]:
     """The hires pass's (width, height): scale times the first pass's, down to a multiple of 8."""
     return int(width * scale) // 8 * 8, int(height * scale) // 8 * 8
 DEFAULT_STRENGTH = 0.75  # CompVis img2img.py
+# Faster sampling (README "Faster sampling"): DeepCache (a full UNet call every N, shallow calls between),
+# guidance only in a sigma interval, token merging. --fast is this preset (explicit flags win); its figures
+# on the demo model are in the README, the full-size timings from `bench/bench.py --only accel`.
+FAST_PRESET = {"deepcache": 3, "deepcache_branch": 0, "cfg_interval": (0.28, 5.42)}
+MAX_DEEPCACHE = 50
+MAX_DEEPCACHE_BRANCH = 11  # SD v1 has 12 input blocks; the model's own count is checked against its config
+MAX_TOME = 0.75  # ToMe's 2x2 cells keep one destination each: past 3/4 nothing more is merged
+
+
+FASTER_KEYS = ("deepcache", "deepcache_branch", "cfg_interval", "tome")  # Generation's faster-sampling fields
+
+
+def faster_options(given: dict, fast: bool = False, scale: float | None = None, base: dict | None = None) -> dict:
+    """The faster-sampling keywords of a run: each option in `given` (its value, None: not given), else
+    the FAST_PRESET value when `fast` (its guidance interval only where there is guidance, scale != 1;
+    its branch only with DeepCache on), else `base`'s (e.g. --params), else nothing (off)."""
+    out = {k: v for k, v in (base or {}).items() if k in FASTER_KEYS}
+    out.update({k: tuple(v) if k == "cfg_interval" else v for k, v in given.items() if v is not None})
+    for key, value in FAST_PRESET.items() if fast else ():
+        if given.get(key) is not None or key == "cfg_interval" and scale == 1.0:
+            continue
+        if key == "deepcache_branch" and out.get("deepcache", 1) == 1:
+            continue  # (--fast --deepcache 1: DeepCache off, so no branch)
+        out[key] = value
+    return out
+
+
+def fast_preset_text() -> str:
+    """FAST_PRESET as the flags it stands for ("--deepcache 3 --deepcache-branch 0 --cfg-interval 0.28 5.42")."""
+    parts = []
+    for key, value in FAST_PRESET.items():
+        text = " ".join(f"{v:g}" for v in value) if isinstance(value, tuple) else f"{value:g}"
+        parts.append(f"--{key.replace('_', '-')} {text}")
+    return " ".join(parts)
 
 
 def resolve_sampling(sampler: str | None, steps: int | None, ddim_steps: int | None = None,
@@ -165,6 +199,10 @@ class Generation:
     mask: object = None  # inpainting: the mask (sd_cli.output.init_image.MaskImage; white repaints), or None
     mask_blur: int = 4  # its blur in pixels (A1111's default)
     fill: str = "original"  # what the repainted area starts from: original | latent noise | latent nothing
+    deepcache: int = 1  # DeepCache: a full UNet call every N calls, shallow ones between (1: off)
+    deepcache_branch: int = 0  # ... keeping input block B and its output block (0: the shallowest skip)
+    cfg_interval: tuple[float, float] | None = None  # guidance only while LO <= sigma <= HI (HI may be inf)
+    tome: float = 0.0  # token merging ratio in the full-resolution self-attentions (0: off)
 
     def __post_init__(self) -> None:
         from sd_cli.sampling.samplers import get_sampler
@@ -203,6 +241,7 @@ class Generation:
         self._check_hires()
         if not math.isfinite(self.scale):
             raise UsageError(f"--scale {self.scale}: must be a finite number")
+        self._check_faster()
         info = get_sampler(self.sampler)
         if self.scheduler is not None and info.resolve_scheduler(self.scheduler) != self.scheduler:
             raise UsageError(f"--scheduler {self.scheduler}: {self.sampler} runs on its own grid")
@@ -260,6 +299,28 @@ class Generation:
             raise UsageError(f"--hr-scale {self.hr_scale}: {w}x{h} is larger than 4096x4096")
         if self.init is not None or self.seed_rule != "image":
             raise UsageError("--hr-scale is for text to image (with per-image seeds)")
+
+    def _check_faster(self) -> None:
+        """--deepcache, --deepcache-branch, --cfg-interval, --tome (README "Faster sampling")."""
+        n, b = self.deepcache, self.deepcache_branch
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_DEEPCACHE:
+            raise UsageError(f"--deepcache {n}: must be a whole number from 1 (off) to {MAX_DEEPCACHE}")
+        if isinstance(b, bool) or not isinstance(b, int) or not 0 <= b <= MAX_DEEPCACHE_BRANCH:
+            raise UsageError(f"--deepcache-branch {b}: must be a whole number from 0 to {MAX_DEEPCACHE_BRANCH}")
+        if b and n == 1:
+            raise UsageError(f"--deepcache-branch {b}: only with --deepcache N, N > 1 (DeepCache is off)")
+        if self.cfg_interval is not None:
+            ok = isinstance(self.cfg_interval, tuple) and len(self.cfg_interval) == 2 \
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in self.cfg_interval)
+            lo, hi = self.cfg_interval if ok else (math.nan, math.nan)
+            if not (ok and math.isfinite(lo) and 0 <= lo < hi and not math.isnan(hi)):
+                shown = " ".join(map(str, self.cfg_interval)) if ok else repr(self.cfg_interval)
+                raise UsageError(f"--cfg-interval {shown}: two sigmas LO HI with 0 <= LO < HI (HI may be inf)")
+            if self.scale == 1.0:
+                raise UsageError("--cfg-interval: --scale 1 has no guidance to limit")
+        r = self.tome
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 <= r <= MAX_TOME:
+            raise UsageError(f"--tome {r}: a ratio from 0 (off) to {MAX_TOME} (2x2 cells keep one token in four)")
 
     def _check_variation(self) -> None:
         x = self.subseed_strength

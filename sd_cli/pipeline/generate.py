@@ -146,14 +146,18 @@ class Pipeline:
     def _encode(self, texts: list[str], what: str, syntax: str = "plain", clip_skip: int = 1) -> torch.Tensor:
         """Context (B, 77 k, 768) of `texts` (sd_cli.pipeline.conditioning)."""
         if syntax == "a1111":
-            chunked = [chunk_prompt(text, self.tokenizer, self.embeddings) for text in texts]
-            return encode_chunked(lambda ids, fixes: self._text(ids, clip_skip, fixes), chunked, self.device)
+            return self._encode_chunks([chunk_prompt(text, self.tokenizer, self.embeddings) for text in texts],
+                                       clip_skip)
         tok = self.tokenizer(texts)
         for text, dropped, n in zip(texts, tok.n_dropped, tok.n_tokens):
             if dropped:
                 short = text if len(text) <= 40 else text[:37] + "..."
                 self.on_warning(f"{what} {short!r} is {n} tokens; CLIP reads 75, so the last {dropped} were dropped")
         return self._text(tok.ids.to(self.device), clip_skip)  # (B, 77, 768)
+
+    def _encode_chunks(self, chunked: list, clip_skip: int) -> torch.Tensor:
+        """Context (B, 77 k, 768) of B chunked prompts (`conditioning.chunk_prompt`)."""
+        return encode_chunked(lambda ids, fixes: self._text(ids, clip_skip, fixes), chunked, self.device)
 
     def _context(self, texts: list[str], what: str, syntax: str, clip_skip: int, prompt_steps):
         """Context of B texts: a tensor (B, 77 k, 768), or a `conditioning.Scheduled` when one of them
@@ -171,13 +175,14 @@ class Pipeline:
         if all(len(plan) == 1 for plan in plans):
             return self._encode([plan[0][1] for plan in plans], what, syntax, clip_skip)
         distinct = list(dict.fromkeys(text for plan in plans for _, text in plan))
-        chunks = len(distinct) * max(len(chunk_prompt(t, self.tokenizer, self.embeddings).ids) for t in distinct)
+        chunked = [chunk_prompt(t, self.tokenizer, self.embeddings) for t in distinct]  # (tokenized once)
+        chunks = len(distinct) * max(len(c.ids) for c in chunked)
         if chunks > MAX_EDIT_CHUNKS:
             raise UsageError(f"the {what}'s editing makes {len(distinct)} different texts, {chunks} chunks of 77 "
                              f"tokens to encode (at most {MAX_EDIT_CHUNKS}); use fewer alternatives or a shorter "
                              "text")
         index = {text: i for i, text in enumerate(distinct)}
-        contexts = self._encode(distinct, what, syntax, clip_skip)  # (E, 77 k, 768)
+        contexts = self._encode_chunks(chunked, clip_skip)  # (E, 77 k, 768)
         return Scheduled(contexts, tuple(tuple((end, index[text]) for end, text in plan) for plan in plans))
 
     def _text(self, ids: torch.Tensor, clip_skip: int = 1, fixes=None) -> torch.Tensor:

@@ -503,3 +503,11 @@ def test_eval_demo_options_and_the_render_path():
     full = generate(sd, prompts, "dpmpp_2m", 6, 3.0, 0)
     fast = generate(sd, prompts, "dpmpp_2m", 6, 3.0, 0, opts.faster(3.0))
     assert full.shape == fast.shape == (1, 64, 64, 3) and not np.array_equal(full, fast)
+
+
+def test_cli_knows_the_settings_faster_keys():
+    """The CLI's copy of the faster-sampling keys (kept so it imports without torch) is settings'."""
+    from sd_cli.cli import FASTER
+    from sd_cli.run.settings import FASTER_KEYS
+
+    assert FASTER == FASTER_KEYS

@@ -39,7 +39,8 @@ PARAMS_FLAGS = {"prompt": ("prompt",), "negative_prompt": ("negative_prompt",), 
                 "hr_upscaler": ("hr_upscaler",), "hr_steps": ("hr_steps",), "hr_strength": ("denoising_strength",),
                 "strength": ("strength",)}
 DEEPCACHE_MIN_STEPS = 20  # fewer: a warning (README "Faster sampling": measured on the demo model)
-FASTER = ("deepcache", "deepcache_branch", "cfg_interval", "tome")  # faster sampling (--fast: its preset's keys)
+# settings.FASTER_KEYS, repeated so that this module imports without torch (tests/test_accelerate.py checks they agree)
+FASTER = ("deepcache", "deepcache_branch", "cfg_interval", "tome")
 PARAMS_FLAGS.update({key: (key,) for key in FASTER})
 
 

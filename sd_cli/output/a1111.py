@@ -28,7 +28,7 @@ _A1111_LABELS = frozenset(label for _, label in _A1111_FIELDS)
 _A1111_KEY_RE = re.compile(r"\w[\w \-/]*")
 _A1111_PARSE_KEY_RE = re.compile(r"\s*(\w[\w \-/]*?)\s*:[ \t]*")
 _NEGATIVE_RE = re.compile(r"(?:^|\n)Negative prompt:")
-_SIZE_RE = re.compile(r"(\d+)x(\d+)")
+SIZE_RE = re.compile(r"(\d+)x(\d+)")  # an infotext's "WIDTHxHEIGHT" (Size, Hires resize)
 _JSON_DECODER = json.JSONDecoder()
 HR_LABELS = {"latent": "Latent", "latent-nearest": "Latent (nearest-exact)", "lanczos": "Lanczos"}  # A1111's
 
@@ -147,8 +147,8 @@ def parse_a1111_parameters(text: str) -> dict:
             res["scale"] = _convert(value, float)
         elif label == "Seed":
             res["seed"] = _convert(value, int)
-        elif label == "Size" and _SIZE_RE.fullmatch(value):
-            w, h = _SIZE_RE.fullmatch(value).groups()
+        elif label == "Size" and SIZE_RE.fullmatch(value):
+            w, h = SIZE_RE.fullmatch(value).groups()
             res["width"], res["height"] = int(w), int(h)
         elif label == "Model hash":
             res["model_hash"] = value

@@ -16,7 +16,6 @@ multiple of the size) is an error unless the command line gives the replacement 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Collection
 from fractions import Fraction
 from pathlib import Path
@@ -29,7 +28,6 @@ DESCRIPTIVE = frozenset({"model_hash", "model_name", "Version", "Batch pos", "TI
 # one ("DPM++ SDE Karras"); which of them this tool has: `_scheduler`.
 A1111_SCHEDULES = ("Uniform", "Karras", "Exponential", "Polyexponential", "SGM Uniform", "SGMUniform",
                    "KL Optimal", "Align Your Steps", "Simple", "Normal", "DDIM", "Beta")
-_SIZE_RE = re.compile(r"(\d+)x(\d+)")
 
 
 def read_infotext(source: str) -> str:
@@ -132,6 +130,7 @@ def _sampling(fields: dict, out: dict, unused: list[str]) -> None:
 def _hires_scale(fields: dict, out: dict, given: Collection[str], unused: list[str]) -> float | None:
     """The hires fix's scale from "Hires upscale", or from A1111's alternative "Hires resize: WxH" (0 for
     one side: kept in proportion) when that is the first pass's size times one factor."""
+    from sd_cli.output.a1111 import SIZE_RE
     from sd_cli.run.settings import hires_size
 
     resize = fields.pop("Hires resize", None)
@@ -139,7 +138,7 @@ def _hires_scale(fields: dict, out: dict, given: Collection[str], unused: list[s
         return _number(fields, "Hires upscale", float) if "Hires upscale" in fields else None
     if "Hires upscale" in fields:  # (A1111 writes one of the two; with a resize it ignores the scale)
         unused.append(f"Hires upscale: {fields.pop('Hires upscale')}")
-    m = _SIZE_RE.fullmatch(resize)
+    m = SIZE_RE.fullmatch(resize)
     if m is None:
         raise UsageError(f"--params: Hires resize {resize!r} is not WIDTHxHEIGHT")
     rx, ry = int(m.group(1)), int(m.group(2))

@@ -15,7 +15,10 @@ seeded) and times, per dtype and resolution:
   accel  faster sampling (README "Faster sampling"): one image with each --variants entry (off,
          DeepCache, the guidance interval, token merging, --fast) through the pipeline, interleaved in
          one process: sampling time, UNet evaluations per image (full and shallow, in batch rows: a
-         guided full step is 2), and the mean pixel distance from the image made without them
+         guided full step is 2), and the mean pixel distance from the image made without them;
+         a variant may also set sampler=, steps= and scale= (the LCM path: "sampler=lcm+steps=4+scale=1")
+  dtypes our guided UNet step in every --dtype at once: the models side by side in one process, their
+         calls interleaved, so the ratio says which dtype is fastest here (what --dtype auto should pick)
 
 diffusers (when importable) gets the SAME weights, converted with diffusers' own
 `diffusers.loaders.single_file_utils.convert_ldm_*_checkpoint`, and runs in the same process,
@@ -39,6 +42,8 @@ in bench/results/ (git-ignored).
     python bench/bench.py --only hires --res 512 --dtype bf16 --steps 4   # 512 -> 1024, peak RSS
     python bench/bench.py --only accel --res 256,512 --dtype fp32,bf16 --repeats 2   # faster sampling
     python bench/bench.py --only accel --accel-model demo --res 64 --dtype fp32 --steps 6 --repeats 1  # smoke
+    python bench/bench.py --only accel --res 512 --dtype bf16 --repeats 0 \
+        --variants "off;sampler=lcm+steps=4+scale=1;sampler=lcm+steps=8+scale=1.5"   # the LCM path
 """
 
 from __future__ import annotations
@@ -64,7 +69,7 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 sys.path.insert(0, str(REPO))
 
-PIECES = ("text", "unet", "vae", "load", "image", "hires", "accel")
+PIECES = ("text", "unet", "vae", "load", "image", "hires", "accel", "dtypes")
 # accel: ";"-separated variants, each "off", "fast" or "+"-joined Generation options (cfg_interval=LO,HI)
 ACCEL_VARIANTS = ("off;deepcache=2;deepcache=3;deepcache=4;deepcache=3+deepcache_branch=5;cfg_interval=0.28,5.42;"
                   "tome=0.3;tome=0.5;fast")
@@ -416,6 +421,30 @@ def case_unet(case: dict) -> dict:
     return out
 
 
+def case_dtypes(case: dict) -> dict:
+    """Our guided UNet step in each dtype of case["dtypes"], one model per dtype in this process, the calls
+    interleaved; the first dtype is "ours", the others are compared with it."""
+    from sd_cli.weights.precision import DTYPES, choose_dtype, dtype_name
+
+    names = case["dtypes"]
+    torch, device, _ = setup({**case, "dtype": names[0]})
+    side = case["res"] // 8
+    batch = 2 * case["batch"]  # guided: [uncond; cond]
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 4, side, side, generator=gen).to(device)  # (2B, 4, res/8, res/8)
+    t = torch.full((batch,), 500.0, device=device)
+    runners = {}
+    for name in names:
+        cfg, unet = _ours_unet(case, torch, device, DTYPES[name])
+        ctx = torch.randn(batch, 77, cfg.unet.context_dim, generator=torch.Generator().manual_seed(2)).to(device)
+        runners[name] = no_autocast(lambda unet=unet, ctx=ctx: unet(x, t, ctx), device)
+    with torch.inference_mode():
+        times = interleaved(runners, device, case["repeats"])
+    auto = dtype_name(choose_dtype("auto", device).dtype)
+    return {"ours_s": times.pop(names[0]), "diffusers": {f"sd_cli {n}": v for n, v in times.items()},
+            "dtype_auto": auto, "peak_rss_gib": peak_rss_gib()}
+
+
 def case_vae(case: dict) -> dict:
     torch, device, dtype = setup(case)
     from sd_cli.weights.loading import prepare_for_inference
@@ -561,9 +590,15 @@ def case_hires(case: dict) -> dict:
     return {"ours_s": [total], "load_s": load_s, "peak_rss_gib": peak_rss_gib(), "size": list(images[0].size)}
 
 
+# accel variant keys that change the run itself rather than a faster-sampling option ("sampler=lcm+steps=4+
+# scale=1": the LCM path); a variant without them runs the case's sampler and steps at the case's guidance.
+RUN_KEYS = {"sampler": str, "steps": int, "scale": float}
+
+
 def parse_variant(text: str) -> dict:
     """An accel variant: "off" -> {}, "fast" -> the --fast preset (at guidance), or "+"-joined Generation
-    options: "deepcache=3+deepcache_branch=5", "cfg_interval=0.28,5.42" (inf allowed), "tome=0.5"."""
+    options: "deepcache=3+deepcache_branch=5", "cfg_interval=0.28,5.42" (inf allowed), "tome=0.5", and the
+    RUN_KEYS sampler=, steps=, scale=."""
     from sd_cli.run.settings import FASTER_KEYS, faster_options
 
     text = text.strip()
@@ -574,8 +609,12 @@ def parse_variant(text: str) -> dict:
     out = {}
     for part in text.split("+"):
         key, _, value = part.partition("=")
+        if key in RUN_KEYS:
+            out[key] = RUN_KEYS[key](value)
+            continue
         if key not in FASTER_KEYS:
-            raise SystemExit(f"bench: unknown accel option {key!r}; choose from {', '.join(FASTER_KEYS)}")
+            raise SystemExit(f"bench: unknown accel option {key!r}; choose from "
+                             f"{', '.join([*FASTER_KEYS, *RUN_KEYS])}")
         out[key] = tuple(float(v) for v in value.split(",")) if key == "cfg_interval" else (
             float(value) if key == "tome" else int(value))
     return out
@@ -635,12 +674,14 @@ def case_accel(case: dict) -> dict:
     b = case["batch"]
 
     def render(opts: dict):
+        run = {"sampler": case["sampler"], "steps": case["steps"], "scale": scale}
+        run.update({k: v for k, v in opts.items() if k in RUN_KEYS})
         gen = torch.Generator("cpu").manual_seed(case["seed"])
         noise = initial_noise(gen, b, 4, case["res"], case["res"], 8)
         sync(device)
         t0 = time.perf_counter()
-        latents = pipe.latents([PROMPT] * b, noise, sampler=case["sampler"], steps=case["steps"], scale=scale,
-                               generator=gen, **opts)
+        latents = pipe.latents([PROMPT] * b, noise, generator=gen, **run,
+                               **{k: v for k, v in opts.items() if k not in RUN_KEYS})
         sync(device)
         return latents, time.perf_counter() - t0
 
@@ -657,8 +698,9 @@ def case_accel(case: dict) -> dict:
             for name, opts in variants.items():
                 out["variants"][name]["sampling_s"].append(render(opts)[1])
     ref = images.get("off")
-    for name, img in images.items():
-        d = np.abs(img.astype(np.int16) - ref.astype(np.int16)) if ref is not None else None
+    for name, img in images.items():  # (a variant with another sampler, steps or scale makes another picture)
+        same_run = not any(k in RUN_KEYS for k in variants[name])
+        d = np.abs(img.astype(np.int16) - ref.astype(np.int16)) if ref is not None and same_run else None
         out["variants"][name]["mean_abs_diff"] = float(d.mean()) if d is not None else None
     out["ours_s"] = out["variants"][next(iter(variants))]["sampling_s"]
     out["peak_rss_gib"] = peak_rss_gib()
@@ -684,7 +726,7 @@ def accel_table(results: list[dict]) -> str:
 
 
 CASES = {"text": case_text, "unet": case_unet, "vae": case_vae, "load": case_load, "image": case_image,
-         "hires": case_hires, "accel": case_accel}
+         "hires": case_hires, "accel": case_accel, "dtypes": case_dtypes}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -717,6 +759,7 @@ def machine() -> dict:
         "physical_cores": feats.physical_cores,
         "avx512_bf16": feats.avx512_bf16,
         "amx_bf16": feats.amx_bf16,
+        "vendor": feats.vendor,
         "default_threads": default_threads(feats),
         "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "torch": torch.__version__,
@@ -780,6 +823,8 @@ def table(results: list[dict]) -> str:
             continue
         ours = med(r.get("ours_s"))
         notes = []
+        if r["piece"] == "dtypes":
+            notes.append(f"guided step, one model per dtype, interleaved; --dtype auto here: {r.get('dtype_auto')}")
         if r["piece"] == "unet":
             notes.append("guided step = 1 call on batch 2" if r["batch"] == 1 else f"guided, batch {2 * r['batch']}")
             if r.get("compile_first_call_s") is not None:
@@ -813,10 +858,10 @@ def table(results: list[dict]) -> str:
             lines.append(f"| {r['piece']} | {r['res'] or '-'} | {r['batch']} | {r['dtype']} | {fmt_s(ours)} | - | - | {rss} | {'; '.join(notes)} |")
         for i, (mode, times) in enumerate(diff.items()):
             theirs = med(times)
-            ratio = ours / theirs if theirs and ours else float("nan")
+            ratio = f"{ours / theirs:.2f}" if theirs and ours else "-"  # (--diffusers-alone: no ours)
             first = fmt_s(ours) if i == 0 else "〃"
             lines.append(f"| {r['piece']} | {r['res'] or '-'} | {r['batch']} | {r['dtype']} | {first} | {fmt_s(theirs)} ({mode.removeprefix('diffusers ')}) "
-                         f"| {ratio:.2f} | {rss} | {'; '.join(notes)} |")
+                         f"| {ratio} | {rss} | {'; '.join(notes)} |")
     return "\n".join(lines)
 
 
@@ -883,7 +928,8 @@ def main(argv=None) -> int:
                    help="unet piece: time diffusers in a process without our UNet (built from it, then freed)")
     p.add_argument("--variants", default=ACCEL_VARIANTS,
                    help="accel piece: ';'-separated variants, each off, fast, or '+'-joined options "
-                        "(deepcache=N, deepcache_branch=B, cfg_interval=LO,HI, tome=R) (default: %(default)s)")
+                        "(deepcache=N, deepcache_branch=B, cfg_interval=LO,HI, tome=R; and sampler=S, steps=N, scale=G, "
+                        "which make another picture: no pixel distance) (default: %(default)s)")
     p.add_argument("--accel-model", choices=("full", "demo"), default="full",
                    help="accel piece: the full-size random-weight SD v1 model, or the demo model (a smoke check)")
     p.add_argument("--sampler", default=None, help="image piece: sampler (default: the CLI's default)")
@@ -951,7 +997,7 @@ def main(argv=None) -> int:
     print(f"[bench] {info}", file=sys.stderr)
     for piece in pieces:
         for res in ([None] if piece in ("text", "load") else resolutions):
-            for dtype in dtypes:
+            for dtype in (["+".join(dtypes)] if piece == "dtypes" else dtypes):
                 for batch, malloc in itertools.product([1] if piece in ("text", "load") else batches, mallocs):
                     case = {
                         "piece": piece, "res": res, "dtype": dtype, "batch": batch, "device": args.device,
@@ -962,7 +1008,7 @@ def main(argv=None) -> int:
                         "sampler": args.sampler or DEFAULT_SAMPLER, "steps": args.steps or DEFAULT_STEPS,
                         "seed": args.seed, "ckpt": ckpt, "malloc": malloc,
                         "diffusers_alone": args.diffusers_alone, "variants": args.variants,
-                        "accel_model": args.accel_model,
+                        "accel_model": args.accel_model, "dtypes": dtypes,
                     }
                     r = run_child(case, args.timeout)
                     results.append(r)

@@ -136,6 +136,27 @@ def test_cpu_auto():
     assert choose_dtype("auto", CPU, features=PLAIN).dtype == torch.float32
 
 
+def test_cpu_auto_on_intel_without_amx_is_fp32():
+    """Intel's AVX512-BF16 without AMX measured slower in bf16 than in fp32 (bench.py --only dtypes: a guided
+    512 step 14.2 s vs 11.0 s), AMD's faster; AMX is faster on any vendor."""
+    intel = CpuFeatures(avx512_bf16=True, physical_cores=2, source="test", vendor="GenuineIntel")
+    c = choose_dtype("auto", CPU, features=intel)
+    assert c.dtype == torch.float32 and "no AMX" in c.reason
+    amd = CpuFeatures(avx512_bf16=True, physical_cores=2, source="test", vendor="AuthenticAMD")
+    assert choose_dtype("auto", CPU, features=amd).dtype == torch.bfloat16
+    amx = CpuFeatures(avx512_bf16=True, amx_bf16=True, source="test", vendor="GenuineIntel")
+    assert choose_dtype("auto", CPU, features=amx).dtype == torch.bfloat16
+    assert choose_dtype("bf16", CPU, features=intel).reason == "requested"  # asked for: given, no warning
+    assert intel.native_bf16  # (still native: the row-block attention and the bf16 checks see it)
+
+
+@pytest.mark.parametrize("capability", [{}, {"avx512_bf16": True, "amx_bf16": False}])
+def test_vendor_from_cpuinfo(capability):
+    text = "processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t\t: avx512f avx512_bf16\n\n"
+    assert cpu_features(capability=capability, cpuinfo=text, probe=False).vendor == "GenuineIntel"
+    assert cpu_features(capability=capability, cpuinfo="flags: avx2\n", probe=False).vendor == ""
+
+
 def test_cpu_explicit():
     assert choose_dtype("fp32", CPU, features=NATIVE).dtype == torch.float32
     slow = choose_dtype("bf16", CPU, features=PLAIN)

@@ -204,6 +204,25 @@ def test_replay_is_identical_and_writes_nothing_by_default(micro, made, tmp_path
     assert read_png_metadata(tmp_path / "again/samples/00000.png")[1]["replay_of"] == str(samples / "00002.png")
 
 
+def test_dtype_auto_replays_and_resumes_images_of_another_dtype(micro, tmp_path, capsys):
+    """`--dtype auto`'s choice changed on Intel CPUs without AMX (bf16 -> fp32). An image keeps replaying in
+    its own dtype, and a --dtype auto --resume counts an image of another dtype as done (as it does one of
+    another device); an explicit --dtype still keys on it."""
+    out = tmp_path / "out"
+    assert main(micro_argv(micro, out, "--dtype", "bf16", "--skip_grid")) == 0
+    image = out / "samples" / "00000.png"
+    assert read_png_metadata(image)[1]["dtype"] == "bfloat16"
+    rc, report = run_json(replay_argv(micro, image, "--json"), capsys)  # no --dtype: the image's bf16
+    assert rc == 0 and report["identical"] and report["replayed"]["dtype"] == "bfloat16", report
+    rc, report = run_json(replay_argv(micro, image, "--json", "--dtype", "fp32"), capsys)
+    assert report["replayed"]["dtype"] == "float32" and report["max_abs_diff"] > 0, report
+    before = files_of(out)
+    rc, report = run_json(micro_argv(micro, out, "--dtype", "auto", "--resume", "--skip_grid", "--json"), capsys)
+    assert rc == 0 and len(report["skipped"]) == 1 and report["images"] == [] and files_of(out) == before
+    rc, report = run_json(micro_argv(micro, out, "--dtype", "fp32", "--resume", "--skip_grid", "--json"), capsys)
+    assert rc == 0 and report["skipped"] == [] and len(report["images"]) == 1  # explicit: another dtype, new
+
+
 def _resave(src: Path, dst: Path, pixels_: np.ndarray, meta: dict, level: int = 6) -> None:
     """Write `pixels_` with src's A1111 text and the given sd_cli metadata (as an editor might)."""
     text = read_png_metadata(src)[0]

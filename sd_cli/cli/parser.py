@@ -295,8 +295,9 @@ def _model_and_device(p: argparse.ArgumentParser) -> None:
                    help="(CompVis) full: float32 (= --dtype fp32); autocast: --dtype auto (default: the config's, "
                         "autocast)")
     g.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
-                   help="compute dtype; weights are stored in it. auto: bf16 on a CPU with native bf16 "
-                        "(AVX512-BF16 or AMX, detected), else fp32; on CUDA bf16 where the GPU has it, else fp16 "
+                   help="compute dtype; weights are stored in it. auto: bf16 on a CPU whose native bf16 is "
+                        "faster than fp32 (AMX, or AVX512-BF16 on a CPU that is not Intel's; detected), else fp32; "
+                        "on CUDA bf16 where the GPU has it, else fp16 "
                         "(default: from --precision / the config). A half-precision VAE decode that gives "
                         "NaN/inf is redone in fp32")
     g.add_argument("--threads", type=int, default=None,

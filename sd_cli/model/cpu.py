@@ -25,6 +25,7 @@ class CpuFeatures:
     amx_fp16: bool = False
     physical_cores: int | None = None
     source: str = "unknown"  # "torch", "/proc/cpuinfo" or "unknown"
+    vendor: str = ""  # /proc/cpuinfo's vendor_id ("GenuineIntel", "AuthenticAMD"), "" where it does not say
 
     @property
     def native_bf16(self) -> bool:
@@ -66,6 +67,14 @@ def _cpuinfo_flags(text: str) -> set[str]:
     return flags
 
 
+def _cpuinfo_vendor(text: str) -> str:
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "vendor_id":
+            return value.strip()
+    return ""
+
+
 def _cpuinfo_physical_cores(text: str) -> int | None:
     """Distinct (physical id, core id) pairs; None when the file does not say."""
     cores: set[tuple[str, str]] = set()
@@ -95,9 +104,9 @@ def cpu_features(
     if probe:
         capability = capability if capability is not None else _torch_capability()
         cpuinfo = cpuinfo if cpuinfo is not None else _read_cpuinfo()
-    cores = None
+    cores, vendor = None, ""
     if cpuinfo:
-        cores = _cpuinfo_physical_cores(cpuinfo)
+        cores, vendor = _cpuinfo_physical_cores(cpuinfo), _cpuinfo_vendor(cpuinfo)
     if capability and "avx512_bf16" in capability:
         n = capability.get("num_physical_cores")
         return CpuFeatures(
@@ -107,6 +116,7 @@ def cpu_features(
             amx_fp16=bool(capability.get("amx_fp16")),
             physical_cores=int(n) if isinstance(n, int) and n > 0 else cores,
             source="torch",
+            vendor=vendor,
         )
     if cpuinfo:
         flags = _cpuinfo_flags(cpuinfo)
@@ -117,6 +127,7 @@ def cpu_features(
             amx_fp16="amx_fp16" in flags,
             physical_cores=cores,
             source="/proc/cpuinfo",
+            vendor=vendor,
         )
     return CpuFeatures()
 

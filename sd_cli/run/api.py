@@ -61,8 +61,9 @@ class StableDiffusion:
         if gen is not None:
             self.check(gen)
         device = pick_device(runtime.device or self.config.runtime.device)
-        self.dtype_choice = choose_dtype(requested_mode(runtime.dtype, runtime.precision,
-                                                        self.config.runtime.precision), device)
+        mode = requested_mode(runtime.dtype, runtime.precision, self.config.runtime.precision)
+        self.dtype_auto = mode == "auto"  # the dtype is the machine's choice (--resume then ignores it)
+        self.dtype_choice = choose_dtype(mode, device)
         self.dtype_name = dtype_name(self.dtype_choice.dtype)
         if not runtime.ckpt.exists():
             raise CheckpointError(missing_checkpoint_message(str(runtime.ckpt)))

@@ -13,9 +13,12 @@
    channel values and the share of pixels that differ (exit 1). When the pixels are identical it also
    says whether the PNG file itself is byte-identical to what sd-txt2img writes for them.
 
-Device and precision come from --device/--precision/--config as in a normal run; when they differ from
-the ones recorded in the image the report says so (a CUDA float16 image replayed on a CPU in float32 is
-close, not identical). On a CPU the run's thread count (`threads` in the metadata) is used unless
+The device comes from --device/--config as in a normal run. The dtype is the image's own (its `dtype`
+field) unless --dtype or --precision is given, or this device cannot run it (a CUDA float16 image on a
+CPU: then --dtype auto's choice); so an image replays in the dtype it was made in even where `--dtype
+auto` now picks another (it did change: Intel CPUs with AVX512-BF16 but no AMX get float32 now, bf16
+before). When device or dtype differ from the recorded ones the report says so (a CUDA float16 image
+replayed on a CPU in float32 is close, not identical). On a CPU the run's thread count (`threads` in the metadata) is used unless
 --threads is given, since CPU results depend on it in the last bit; the VAE decode is tiled or not as
 recorded (`vae_decode`). Nothing is written unless --outdir is given explicitly: then the regenerated image
 goes to OUTDIR/samples with the original metadata (device, dtype and `replay_of` updated).
@@ -254,7 +257,14 @@ def _engine(req: ReplayRequest, runtime, rec: Recorded, meta: dict, log):
     from sd_cli.run.api import StableDiffusion
 
     runtime = replace(runtime, threads=runtime.threads or rec.threads, vae_tiling=req.vae_tiling or rec.vae_tiling)
-    sd = StableDiffusion(runtime, log=log)
+    sd = None
+    recorded = RECORDED_DTYPES.get(rec.dtype)
+    if runtime.dtype is None and runtime.precision is None and recorded is not None:
+        try:  # the image's own dtype, not what --dtype auto picks today (its rule may have changed since)
+            sd = StableDiffusion(replace(runtime, dtype=recorded), log=log)
+        except UsageError:  # a dtype this device cannot run (fp16 made on CUDA, replayed on a CPU): auto
+            sd = None
+    sd = sd or StableDiffusion(runtime, log=log)
     if sd.model_hash != rec.model_hash:
         why = (f"{req.image} was made with model hash {rec.model_hash} ({rec.model_name}) but --ckpt "
                f"{runtime.ckpt} has hash {sd.model_hash}")
@@ -472,6 +482,7 @@ def replay(req: ReplayRequest, runtime, state) -> int:
 
 # Fields that say where and with what an image was made, not what it is: a replay elsewhere may differ in
 # them (reported, not a mismatch). The file's values are kept when the expected bytes are rebuilt.
+RECORDED_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # metadata "dtype" -> --dtype
 ENVIRONMENT_FIELDS = ("device", "dtype", "threads", "sd_cli_version", "model_name")
 _NOT_COMPARED = ("replay_of", "vae_tiled")  # written by --replay --outdir; a field of early versions
 

@@ -7,7 +7,10 @@ compute dtype, how the VAE decoded (whole, bands or tiles), whether the watermar
 LoRA and VAE files (by hash, with their weights), the init image (by hash) with its strength, and the
 faster-sampling options (DeepCache, the guidance interval, token merging; absent: off). The device and
 the CPU thread count are not part of it: an image made on another machine with the same settings counts
-as done (its pixels may differ in the last bit).
+as done (its pixels may differ in the last bit). Nor is the dtype when this run's came from `--dtype auto`
+(the default): auto's choice is the machine's, like the device, and it changed for Intel CPUs with
+AVX512-BF16 but no AMX (bf16 before, float32 now), so a batch begun there before that change resumes
+instead of starting over. An explicit `--dtype` (or `--precision full`) keeps the dtype in the key.
 
 The run asks `ResumePlan.take_batch` for every batch before generating it:
 
@@ -94,10 +97,13 @@ _FLOAT_FIELDS = ("scale", "eta", "tome")
 _MAX_WARNINGS = 5
 
 
-def work_key(meta: dict) -> str | None:
-    """The identity of one image's work item, or None if `meta` lacks a field (never matches)."""
+def work_key(meta: dict, ignore: tuple[str, ...] = ()) -> str | None:
+    """The identity of one image's work item, or None if `meta` lacks a field (never matches); the fields in
+    `ignore` are left out (a run whose dtype was `--dtype auto`'s choice ignores "dtype")."""
     values = []
     for name in KEY_FIELDS:
+        if name in ignore:
+            continue
         if name not in meta and name not in KEY_DEFAULTS:
             return None
         value = meta.get(name, KEY_DEFAULTS.get(name))
@@ -154,8 +160,9 @@ def read_pixels(path: Path) -> np.ndarray:
 class ResumePlan:
     """The existing images of an output folder, indexed by work item."""
 
-    def __init__(self, sample_dir: Path, warn: Callable[[str], None] | None = None):
+    def __init__(self, sample_dir: Path, warn: Callable[[str], None] | None = None, ignore: tuple[str, ...] = ()):
         self.sample_dir = Path(sample_dir)
+        self.ignore = ignore  # KEY_FIELDS this run does not match on (see work_key)
         self.warn = warn or (lambda msg: log.warning(msg))
         self._index: dict[str, list[Path]] = defaultdict(list)
         self.scanned = 0
@@ -164,12 +171,13 @@ class ResumePlan:
         self._mismatch_warned = False
 
     @classmethod
-    def scan(cls, sample_dir: Path, warn: Callable[[str], None] | None = None) -> "ResumePlan":
-        plan = cls(sample_dir, warn)
+    def scan(cls, sample_dir: Path, warn: Callable[[str], None] | None = None,
+             ignore: tuple[str, ...] = ()) -> "ResumePlan":
+        plan = cls(sample_dir, warn, ignore)
         for _, path in _numbered(plan.sample_dir, SAMPLE_PATTERN):
             plan.scanned += 1
             meta = read_sd_cli_metadata(path)
-            key = work_key(meta) if meta is not None else None
+            key = work_key(meta, ignore) if meta is not None else None
             if meta is None:
                 plan.unreadable.append(path)
             if key is not None:
@@ -185,7 +193,7 @@ class ResumePlan:
         """For each image of a batch, an existing file that already holds it (used up), or None."""
         out: list[Path | None] = []
         for meta in metas:
-            key = work_key(meta)
+            key = work_key(meta, self.ignore)
             paths = self._index.get(key) if key is not None else None
             out.append(paths.pop(0) if paths else None)
         self.matched += sum(p is not None for p in out)
@@ -197,7 +205,7 @@ class ResumePlan:
             return
         self._mismatch_warned = True
         self.warn(f"--resume: {path} differs from what this run computes for the same settings (made on another "
-                  "device, thread count or torch build?); it is kept as it is")
+                  "device, dtype, thread count or torch build?); it is kept as it is")
 
 
 def find_equal_grid(outdir: Path, metadata: dict, pixels: np.ndarray) -> Path | None:

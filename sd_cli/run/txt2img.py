@@ -50,7 +50,7 @@ def _run(gen: Generation, runtime: Runtime, out: Output, state: RunState, ddp, l
     check_memory(sd, gen)
     base = sd.base_metadata(gen)
     items, sink = sd.plan(gen), Sink(out, gen, base, state)
-    plan = _resume_plan(out, ddp, log)
+    plan = _resume_plan(out, ddp, log, ("dtype",) if sd.dtype_auto else ())
     if not (out.resume and ddp is None):  # (under torchrun every rank loads before the collectives)
         sd.pipeline()
     with _bar(len(items) if ddp is None else len(ddp.share(len(items))), log, ddp) as bar:
@@ -104,13 +104,14 @@ def check_memory(sd: StableDiffusion, gen: Generation) -> None:
                          "--n_samples (and more --n_iter) or --vae-tiling on")
 
 
-def _resume_plan(out: Output, ddp, log: Log) -> ResumePlan | None:
-    """--resume: what is done already (under torchrun rank 0 looks, see sd_cli/run/distributed.py)."""
+def _resume_plan(out: Output, ddp, log: Log, ignore: tuple[str, ...]) -> ResumePlan | None:
+    """--resume: what is done already (under torchrun rank 0 looks, see sd_cli/run/distributed.py); `ignore`:
+    the key fields not matched on (the dtype, when it was --dtype auto's choice)."""
     if not out.resume:
         return None
     if ddp is None or ddp.is_main:
-        return ResumePlan.scan(out.sample_dir, warn=log.warn)
-    return ResumePlan(out.sample_dir, log.warn)
+        return ResumePlan.scan(out.sample_dir, warn=log.warn, ignore=ignore)
+    return ResumePlan(out.sample_dir, log.warn, ignore)
 
 
 def _bar(total: int, log: Log, ddp):

@@ -161,3 +161,27 @@ def test_training_tool_is_deterministic_and_exports_a_loadable_model(tmp_path):
     cfg = load_config(out_a / "demo.yaml")
     model = load_model(cfg.model, out_a / "demo.safetensors", device="cpu", dtype=torch.float32)
     assert model.cfg.scale_factor == cfg.model.scale_factor > 0
+
+
+def test_colour_separation_of_the_shipped_vae():
+    """train_demo's VAE diagnostic, in the latents' own units: a rescaled latent space gives the same figures,
+    and the shipped VAE puts shape colours far closer together than background colours (the reason the demo
+    recolours at img2img strength 0.15: README "Image to image")."""
+    import torch
+
+    from sd_cli.demo import DEMO_CKPT, DEMO_CONFIG
+    from sd_cli.run.train_demo import colour_separation
+    from sd_cli.weights.config import load_config
+    from sd_cli.weights.loading import load_model
+
+    vae = load_model(load_config(DEMO_CONFIG).model, DEMO_CKPT, device="cpu", dtype=torch.float32).first_stage_model
+    before = colour_separation(vae)
+    embed = vae.quant_conv.weight.shape[0] // 2
+    with torch.no_grad():  # the means x 3: the same pictures, a latent space three times as wide
+        vae.quant_conv.weight[:embed] *= 3
+        vae.quant_conv.bias[:embed] *= 3
+    after = colour_separation(vae)
+    assert after == pytest.approx(before, rel=1e-3)
+    assert 0 < before["shape_min"] < before["background_max"]
+    assert before["ratio_bg_max_to_shape_min"] == pytest.approx(before["background_max"] / before["shape_min"], rel=1e-2)
+    assert before["ratio_bg_max_to_shape_min"] > 10  # measured 14.6 (README "Retrain the demo model")

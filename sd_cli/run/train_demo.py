@@ -169,6 +169,29 @@ def train_vae(args, vae, steps: int, batch: int, base_lr: float) -> None:
 
 
 @torch.no_grad()
+def colour_separation(vae) -> dict:
+    """How far apart the VAE's latent means put pictures that differ only in the shape's colour, and only in
+    the background's, in units of the latents' own std (over all these pictures; L2 over the whole 4x8x8
+    latent): the smallest shape-colour distance, the smallest and largest background distance, and the
+    largest background distance over the smallest shape one. The UNet's noise has to
+    drown the background colour at SD's top timesteps (or the caption is ignored) and must not drown
+    the shape's colour at img2img's low strengths, so the ratio should be small (README "Retrain the demo
+    model")."""
+    pictures = {(s, c, b): D.render(D.Scene(s, c, b)) for s in ("circle", "square") for c in D.COLOR_NAMES
+                for b in D.COLOR_NAMES if b != c}
+    keys = list(pictures)
+    mean, _ = vae_posterior(vae, to_tensor(np.stack([pictures[k] for k in keys])))
+    z = mean / mean.std()
+    at = {k: z[i] for i, k in enumerate(keys)}
+    shape = [(at[k] - at[(k[0], c, k[2])]).norm().item() for k in keys for c in D.COLOR_NAMES
+             if c not in (k[1], k[2]) and c > k[1]]
+    bg = [(at[k] - at[(k[0], k[1], b)]).norm().item() for k in keys for b in D.COLOR_NAMES
+          if b not in (k[1], k[2]) and b > k[2]]
+    return {"shape_min": round(min(shape), 3), "background_min": round(min(bg), 3),
+            "background_max": round(max(bg), 3), "ratio_bg_max_to_shape_min": round(max(bg) / min(shape), 2)}
+
+
+@torch.no_grad()
 def check_vae(vae, n: int = 64, seed: int = 99) -> float:
     """Classifier accuracy on VAE reconstructions of held-out scenes (the VAE never saw them)."""
     rng = np.random.default_rng(seed)
@@ -441,6 +464,7 @@ def _vae_stage(opts: TrainOptions, vae, stats: dict) -> None:
         stats["vae_phases"] = stats.get("vae_phases", []) + [{"steps": steps, "batch": batch, "lr": lr}]
     stats["vae_seconds"] = round(stats.get("vae_seconds", 0.0) + time.time() - t0, 1)
     stats["vae_heldout_recon_accuracy"] = check_vae(vae)
+    stats["vae_colour_separation"] = colour_separation(vae)
     torch.save({"vae": vae.state_dict(), "stats": stats}, opts.workdir / "vae.pt")
     log(f"vae done: {stats}")
 

@@ -18,10 +18,11 @@ field) unless --dtype or --precision is given, or this device cannot run it (a C
 CPU: then --dtype auto's choice); so an image replays in the dtype it was made in even where `--dtype
 auto` now picks another (it did change: Intel CPUs with AVX512-BF16 but no AMX get float32 now, bf16
 before). When device or dtype differ from the recorded ones the report says so (a CUDA float16 image
-replayed on a CPU in float32 is close, not identical). On a CPU the run's thread count (`threads` in the metadata) is used unless
---threads is given, since CPU results depend on it in the last bit; the VAE decode is tiled or not as
-recorded (`vae_decode`). Nothing is written unless --outdir is given explicitly: then the regenerated image
-goes to OUTDIR/samples with the original metadata (device, dtype and `replay_of` updated).
+replayed on a CPU in float32 is close, not identical). On a CPU the run's thread count (`threads` in the
+metadata) is used unless --threads is given, since CPU results depend on it in the last bit; the VAE
+decode is tiled or not as recorded (`vae_decode`). Nothing is written unless --outdir is given
+explicitly: then the regenerated image goes to OUTDIR/samples with the original metadata (device, dtype
+and `replay_of` updated).
 """
 
 from __future__ import annotations
@@ -480,9 +481,9 @@ def replay(req: ReplayRequest, runtime, state) -> int:
     return 0 if result["identical"] and not check["differs"] and check["text_matches"] else 1
 
 
+RECORDED_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # metadata "dtype" -> --dtype
 # Fields that say where and with what an image was made, not what it is: a replay elsewhere may differ in
 # them (reported, not a mismatch). The file's values are kept when the expected bytes are rebuilt.
-RECORDED_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # metadata "dtype" -> --dtype
 ENVIRONMENT_FIELDS = ("device", "dtype", "threads", "sd_cli_version", "model_name")
 _NOT_COMPARED = ("replay_of", "vae_tiled")  # written by --replay --outdir; a field of early versions
 

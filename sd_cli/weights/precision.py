@@ -4,10 +4,11 @@ The rule (issue 3):
 * `--dtype fp32|bf16|fp16` is an explicit choice; `--dtype auto` (or `--precision autocast`, or the
   config's `runtime.precision: autocast` when neither flag is given) picks per device:
   - CPU: bfloat16 when the CPU has native bf16 arithmetic that is faster than its float32: AMX-BF16, or
-    AVX512-BF16 on a CPU that is not Intel's; else float32. Intel's AVX512-BF16 without AMX (Cooper
-    Lake, or a virtual machine that hides AMX) measured slower in bf16 than in float32: a guided 512 step
-    took 14.2 s in bf16 and 11.0 s in float32, the two models interleaved in one process (README
-    "Speed and memory"), while both AMD CPUs measured ran bf16 1.3x and 2.5x faster;
+    AVX512-BF16 on a CPU that is not Intel's; else float32. Intel's AVX512-BF16 without AMX measured
+    slower in bf16 than in float32 (a Xeon 6/207 virtual machine that hides AMX: a guided 512 step took
+    14.2 s in bf16 and 11.0 s in float32, the two models interleaved in one process; README "Speed and
+    memory"; Cooper Lake falls under the same rule, unmeasured), while both AMD CPUs measured ran bf16
+    1.3x and 2.5x faster;
   - CUDA: bfloat16 when the GPU supports it (compute capability 8.0+), else float16.
 * `--precision full` keeps CompVis' meaning: float32.
 

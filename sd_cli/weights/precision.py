@@ -93,7 +93,7 @@ def choose_dtype(
             return DtypeChoice(torch.bfloat16, "bf16", f"auto: CPU has {features.bf16_name()}")
         if features.avx512_bf16:
             return DtypeChoice(torch.float32, "fp32", "auto: float32, faster than bf16 on an Intel CPU with "
-                                                      "AVX512-BF16 but no AMX")
+                                                      "AVX512-BF16 but no AMX; --dtype bf16 takes half the memory")
         return DtypeChoice(torch.float32, "fp32", "auto: CPU has no native bf16")
     if mode == "fp16" and not features.native_fp16:
         raise UsageError(

@@ -384,15 +384,22 @@ def _ours_unet(case, torch, device, dtype):
     return cfg, unet
 
 
-def case_unet(case: dict) -> dict:
-    torch, device, dtype = setup(case)
-    cfg, unet = _ours_unet(case, torch, device, dtype)
+def guided_inputs(case: dict, cfg, torch, device):
+    """The inputs of one guided UNet call (x, t, context): batch 2 x case["batch"] ([uncond; cond]),
+    x (2B, 4, res/8, res/8), t (2B,) at 500, context (2B, 77, D); float32, seeded."""
     side = case["res"] // 8
-    batch = 2 * case["batch"]  # guided: [uncond; cond]
+    batch = 2 * case["batch"]
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(batch, 4, side, side, generator=gen).to(device)
     t = torch.full((batch,), 500.0, device=device)
     ctx = torch.randn(batch, 77, cfg.unet.context_dim, generator=gen).to(device)
+    return x, t, ctx
+
+
+def case_unet(case: dict) -> dict:
+    torch, device, dtype = setup(case)
+    cfg, unet = _ours_unet(case, torch, device, dtype)
+    x, t, ctx = guided_inputs(case, cfg, torch, device)
     out: dict = {}
     with torch.inference_mode():
         ours = unet
@@ -428,16 +435,11 @@ def case_dtypes(case: dict) -> dict:
 
     names = case["dtypes"]
     torch, device, _ = setup({**case, "dtype": names[0]})
-    side = case["res"] // 8
-    batch = 2 * case["batch"]  # guided: [uncond; cond]
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(batch, 4, side, side, generator=gen).to(device)  # (2B, 4, res/8, res/8)
-    t = torch.full((batch,), 500.0, device=device)
+    x, t, ctx = guided_inputs(case, model_config(), torch, device)  # the same float32 inputs for every model
     runners = {}
     for name in names:
-        cfg, unet = _ours_unet(case, torch, device, DTYPES[name])
-        ctx = torch.randn(batch, 77, cfg.unet.context_dim, generator=torch.Generator().manual_seed(2)).to(device)
-        runners[name] = no_autocast(lambda unet=unet, ctx=ctx: unet(x, t, ctx), device)
+        _, unet = _ours_unet(case, torch, device, DTYPES[name])
+        runners[name] = no_autocast(lambda unet=unet: unet(x, t, ctx), device)
     with torch.inference_mode():
         times = interleaved(runners, device, case["repeats"])
     auto = dtype_name(choose_dtype("auto", device).dtype)

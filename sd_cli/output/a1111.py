@@ -108,7 +108,8 @@ def _parse_params_line(line: str) -> list[tuple[str, str]] | None:
         pos += 1
 
 
-def _convert(value: str, kind: type) -> Any:
+def as_number(value: str, kind: type) -> Any:
+    """`kind(value)` (int or float), or `value` itself when it is not such a number."""
     try:
         return kind(value)
     except ValueError:
@@ -140,13 +141,13 @@ def parse_a1111_parameters(text: str) -> dict:
     res: dict[str, Any] = {"prompt": prompt, "negative_prompt": negative}
     for label, value in fields:
         if label == "Steps":
-            res["steps"] = _convert(value, int)
+            res["steps"] = as_number(value, int)
         elif label == "Sampler":
             res["sampler_label"] = value
         elif label == "CFG scale":
-            res["scale"] = _convert(value, float)
+            res["scale"] = as_number(value, float)
         elif label == "Seed":
-            res["seed"] = _convert(value, int)
+            res["seed"] = as_number(value, int)
         elif label == "Size" and SIZE_RE.fullmatch(value):
             w, h = SIZE_RE.fullmatch(value).groups()
             res["width"], res["height"] = int(w), int(h)

@@ -198,7 +198,7 @@ def _faster(fields: dict, out: dict, unused: list[str]) -> None:
     in both passes alike), ours "DeepCache", "DeepCache branch", "CFG interval", and A1111's "NGMS: s" (no
     negative prompt below sigma s) as the interval s..inf when "NGMS all steps: True" says A1111 skipped
     it at every step; without that, A1111 skips it only every other call, which this tool does not do."""
-    from sd_cli.output.a1111 import parse_cfg_interval
+    from sd_cli.output.a1111 import as_number, parse_cfg_interval
     from sd_cli.run.settings import MAX_TOME
 
     if "Token merging ratio" in fields:
@@ -208,7 +208,7 @@ def _faster(fields: dict, out: dict, unused: list[str]) -> None:
             unused.append(f"Token merging ratio: {ratio:g} (run as {MAX_TOME:g}: nothing more merges)")
     if "Token merging ratio hr" in fields:
         hr = fields.pop("Token merging ratio hr")
-        if _convert_float(hr) != out.get("tome"):
+        if as_number(hr, float) != out.get("tome"):
             unused.append(f"Token merging ratio hr: {hr}")
     if "DeepCache" in fields:
         out["deepcache"] = _number(fields, "DeepCache", int)
@@ -220,25 +220,16 @@ def _faster(fields: dict, out: dict, unused: list[str]) -> None:
         if interval is None:
             raise UsageError(f"--params: CFG interval {text!r} is not LO-HI (two sigmas, HI may be inf)")
         out["cfg_interval"] = interval
-    ngms, every = fields.pop("NGMS", None), fields.pop("NGMS all steps", None)
-    if ngms is not None and every == "True" and "cfg_interval" not in out:
-        lo = _convert_float(ngms)
-        if isinstance(lo, str):
-            raise UsageError(f"--params: NGMS {ngms!r} is not a number")
-        out["cfg_interval"] = (lo, float("inf"))
-    elif ngms is not None:
+    every = fields.pop("NGMS all steps", None)
+    if "NGMS" in fields and every == "True" and "cfg_interval" not in out:
+        out["cfg_interval"] = (_number(fields, "NGMS", float), float("inf"))
+    elif "NGMS" in fields:
+        ngms = fields.pop("NGMS")
         why = "" if every == "True" else " (A1111 skipped the negative prompt every other step below it; " \
               "--cfg-interval S inf skips it at every step)"
         unused.append(f"NGMS: {ngms}{why}")
     elif every is not None:
         unused.append(f"NGMS all steps: {every}")
-
-
-def _convert_float(text: str):
-    try:
-        return float(text)
-    except ValueError:
-        return text
 
 
 def settings_from_infotext(text: str, command: str = "txt2img",

@@ -185,3 +185,88 @@ def test_colour_separation_of_the_shipped_vae():
     assert 0 < before["shape_min"] < before["background_max"]
     assert before["ratio_bg_max_to_shape_min"] == pytest.approx(before["background_max"] / before["shape_min"], rel=1e-2)
     assert before["ratio_bg_max_to_shape_min"] > 10  # measured 14.6 (README "Retrain the demo model")
+
+
+def test_split_scenes_show_no_held_out_combination_and_render_their_side():
+    """The training tool's split-background scenes (--split-prob): both halves' scenes are training scenes,
+    the caption names both background colours, and the second colour covers the side and share asked for."""
+    train = set(D.train_scenes())
+    split = D.split_scenes()
+    assert split and all(D.Scene(s.shape, s.color, s.bg) in train and D.Scene(s.shape, s.color, s.bg2) in train
+                         and s.bg2 not in (s.bg, s.color) for s in split)
+    scene = D.Scene("circle", "red", "yellow", "blue")
+    assert scene.prompt() == "a red circle on a yellow and blue background"
+    img = D.render(scene, cx=32, cy=32, r=4, split=("left", 0.25))
+    assert (img[:, :16] == D.COLORS["blue"]).all() and (img[:, 17:26] == D.COLORS["yellow"]).all()
+    img = D.render(scene, cx=32, cy=32, r=4, split=("bottom", 0.5))
+    assert (img[32:, :20] == D.COLORS["blue"]).all() and (img[:32, :20] == D.COLORS["yellow"]).all()
+    plain = D.Scene("circle", "red", "yellow")
+    assert (D.render(plain, split=("left", 0.5)) == D.render(plain)).all()  # no bg2: the split means nothing
+
+
+def test_free_captions_replace_only_the_low_timesteps():
+    from types import SimpleNamespace
+
+    import torch
+
+    from sd_cli.run.train_demo import free_captions
+
+    scenes = D.train_scenes()
+    caps = [s.prompt() for s in scenes[:64]]
+    t = torch.arange(64)
+    args = SimpleNamespace(free_caption_below=20, uncond_prob=0.25)
+    out = free_captions(args, caps, t, scenes, np.random.default_rng(0))
+    assert out[20:] == caps[20:]  # t >= 20: untouched
+    low = out[:20]
+    assert sum(a != b for a, b in zip(low, caps[:20])) >= 15  # nearly all another picture's caption
+    assert "" in low and all(c == "" or D.parse_prompt(c) is not None for c in low)
+
+
+def test_fine_tune_from_a_shipped_model_changes_its_schedule(tmp_path):
+    """--init-from a demo.safetensors (with its demo.yaml): phase 2 starts from those weights, keeps its VAE
+    and scale factor, and the export carries the new schedule (--linear-start/--linear-end) in both the
+    YAML and the checkpoint's buffers, which the CLI's loader checks against each other."""
+    import torch
+    from safetensors.torch import load_file
+
+    from sd_cli.cli import train_demo
+    from sd_cli.sampling.schedule import ldm_buffers
+    from sd_cli.weights.config import load_config
+    from sd_cli.weights.loading import load_model
+
+    base = ["--threads", "1", "--pool-per-scene", "1", "--unet-batch", "4", "--probe-every", "0"]
+    first = tmp_path / "first"
+    assert train_demo.main([*base, "--workdir", str(tmp_path / "w1"), "--out", str(first), "--vae-steps", "2",
+                            "--vae-batch", "2", "--vae2-steps", "0", "--unet-steps", "2"]) == 0
+    tuned = tmp_path / "tuned"
+    assert train_demo.main([*base, "--stage", "unet", "--workdir", str(tmp_path / "w2"), "--out", str(tuned),
+                            "--init-from", str(first / "demo.safetensors"), "--decay-steps", "2",
+                            "--linear-start", "1e-5", "--linear-end", "0.02", "--split-prob", "0.2", "--split-caption", "one",
+                            "--free-caption-below", "150"]) == 0
+    a, b = load_file(str(first / "demo.safetensors")), load_file(str(tuned / "demo.safetensors"))
+    vae = [k for k in a if k.startswith("first_stage_model.")]
+    assert vae and all(torch.equal(a[k], b[k]) for k in vae)  # the VAE is frozen
+    unet = "model.diffusion_model.input_blocks.0.0.weight"
+    assert not torch.equal(a[unet], b[unet])
+    want = ldm_buffers(1e-5, 0.02)["alphas_cumprod"]
+    torch.testing.assert_close(b["alphas_cumprod"], want)
+    assert not torch.allclose(a["alphas_cumprod"], want)
+    cfg = load_config(tuned / "demo.yaml")
+    assert (cfg.model.schedule.linear_start, cfg.model.schedule.linear_end) == (1e-5, 0.02)
+    assert cfg.model.scale_factor == load_config(first / "demo.yaml").model.scale_factor
+    load_model(cfg.model, tuned / "demo.safetensors", device="cpu", dtype=torch.float32)
+
+
+def test_split_captions_name_both_colours_or_one():
+    from types import SimpleNamespace
+
+    from sd_cli.run.train_demo import caption
+
+    scene = D.Scene("circle", "red", "yellow", "blue")
+    rng = np.random.default_rng(0)
+    both = {caption(SimpleNamespace(split_caption="both"), scene, rng) for _ in range(50)}
+    assert all("yellow and blue" in c for c in both)
+    one = [D.parse_prompt(caption(SimpleNamespace(split_caption="one"), scene, rng)) for _ in range(200)]
+    assert {s.bg for s in one} == {"yellow", "blue"} and {(s.shape, s.color) for s in one} == {("circle", "red")}
+    plain = D.Scene("circle", "red", "yellow")
+    assert D.parse_prompt(caption(SimpleNamespace(split_caption="one"), plain, rng)) == plain

@@ -45,9 +45,13 @@ class Scene:
     shape: str
     color: str
     bg: str
+    # A second background colour on one side of the picture (training scenes that teach the model that
+    # the background may change across the image, which inpainting one side needs); None: a plain one.
+    bg2: str | None = None
 
     def prompt(self, template: int = 0) -> str:
-        return TEMPLATES[template].format(color=self.color, shape=self.shape, bg=self.bg)
+        bg = self.bg if self.bg2 is None else f"{self.bg} and {self.bg2}"
+        return TEMPLATES[template].format(color=self.color, shape=self.shape, bg=bg)
 
 
 def all_scenes() -> list[Scene]:
@@ -98,11 +102,23 @@ def _shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[flo
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def render(scene: Scene, cx: float = 32.0, cy: float = 32.0, r: float = 18.0, size: int = SIZE) -> np.ndarray:
-    """(size, size, 3) uint8: the shape (bounding box 2r, centred at cx, cy) on its background, antialiased."""
+# Where a split scene's second background colour goes: the side, and the fraction of the picture it covers.
+SIDES = ("left", "right", "top", "bottom")
+
+
+def render(scene: Scene, cx: float = 32.0, cy: float = 32.0, r: float = 18.0, size: int = SIZE,
+           split: tuple[str, float] = ("right", 0.5)) -> np.ndarray:
+    """(size, size, 3) uint8: the shape (bounding box 2r, centred at cx, cy) on its background, antialiased.
+    A scene with bg2 has that colour on `split` = (side, fraction of the width or height) of the picture."""
     k = _SUPERSAMPLE
     img = Image.new("RGB", (size * k, size * k), COLORS[scene.bg])
     draw = ImageDraw.Draw(img)
+    if scene.bg2 is not None:
+        side, frac = split
+        n = round(frac * size * k)
+        box = {"left": (0, 0, n, size * k), "right": (size * k - n, 0, size * k, size * k),
+               "top": (0, 0, size * k, n), "bottom": (0, size * k - n, size * k, size * k)}[side]
+        draw.rectangle([box[0], box[1], box[2] - 1, box[3] - 1], fill=COLORS[scene.bg2])
     poly = _shape_polygon(scene.shape, cx * k, cy * k, r * k)
     fill = COLORS[scene.color]
     if poly is None:
@@ -119,6 +135,19 @@ def random_layout(rng: np.random.Generator, size: int = SIZE) -> tuple[float, fl
     cx = size / 2 + rng.uniform(-8.0, 8.0) * s
     cy = size / 2 + rng.uniform(-8.0, 8.0) * s
     return cx, cy, r
+
+
+def split_scenes() -> list[Scene]:
+    """Training scenes with a second background colour: (shape, color, bg, bg2) where both (shape, color,
+    bg) and (shape, color, bg2) are training scenes, so no held-out combination is shown even in part."""
+    train = set(train_scenes())
+    return [Scene(s.shape, s.color, s.bg, b) for s in sorted(train, key=lambda x: (x.shape, x.color, x.bg))
+            for b in COLOR_NAMES if b not in (s.color, s.bg) and Scene(s.shape, s.color, b) in train]
+
+
+def random_split(rng: np.random.Generator) -> tuple[str, float]:
+    """A random side and fraction (0.3..0.7) for a split scene's second background colour."""
+    return SIDES[int(rng.integers(len(SIDES)))], float(rng.uniform(0.3, 0.7))
 
 
 def sample_batch(rng: np.random.Generator, scenes: list[Scene], n: int) -> tuple[np.ndarray, list[str], list[Scene]]:

@@ -89,6 +89,15 @@ def model_dict(args=None) -> dict:
         un["model_channels"] = args.unet_channels
     if getattr(args, "unet_mult", None):
         un["channel_mult"] = [int(x) for x in args.unet_mult.split(",")]
+    return with_schedule(m, args)
+
+
+def with_schedule(m: dict, args) -> dict:
+    """m with the noise schedule of --linear-start / --linear-end, where given."""
+    m = copy.deepcopy(m)
+    for key in ("linear_start", "linear_end"):
+        if getattr(args, key, None) is not None:
+            m["schedule"][key] = getattr(args, key)
     return m
 
 
@@ -212,10 +221,15 @@ def encode_pool(args, vae) -> tuple[torch.Tensor, torch.Tensor, list[D.Scene]]:
     """Latent posterior (mean, std) of args.pool_per_scene random renders of every training scene."""
     rng = np.random.default_rng(args.seed + 1)
     scenes = [s for s in D.train_scenes() for _ in range(args.pool_per_scene)]
+    if args.split_prob > 0:  # a share split_prob of the pool: scenes with a second background colour
+        split = D.split_scenes()
+        n = round(len(scenes) * args.split_prob / (1 - args.split_prob))
+        scenes += [split[int(i)] for i in np.random.default_rng(args.seed + 5).integers(len(split), size=n)]
     means, stds = [], []
     for i in range(0, len(scenes), 64):
         chunk = scenes[i : i + 64]
-        imgs = np.stack([D.render(s, *D.random_layout(rng)) for s in chunk])
+        imgs = np.stack([D.render(s, *D.random_layout(rng), **({"split": D.random_split(rng)} if s.bg2 else {}))
+                         for s in chunk])
         mean, logvar = vae_posterior(vae, to_tensor(imgs))
         means.append(mean)
         stds.append(torch.exp(0.5 * logvar))
@@ -268,9 +282,11 @@ def train_unet(args, model, pool, scale_factor: float, workdir: Path, steps: int
         caps = []
         for i in idx.tolist():
             drop = rng.random() < args.uncond_prob
-            caps.append("" if drop else scenes[i].prompt(int(rng.integers(len(D.TEMPLATES)))))
+            caps.append("" if drop else caption(args, scenes[i], rng))
         z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scale_factor
         t = torch.randint(0, ac.shape[0], (args.unet_batch,), generator=gen)
+        if args.free_caption_below:
+            caps = free_captions(args, caps, t, scenes, rng)
         eps = torch.randn(z0.shape, generator=gen)
         a = ac[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * z0 + (1 - a).sqrt() * eps
@@ -299,6 +315,28 @@ def train_unet(args, model, pool, scale_factor: float, workdir: Path, steps: int
     unet.eval()
     text.eval()
     return {"unet_seconds": round(time.time() - t0, 1), "final_loss": float(np.mean(losses[-100:]))}
+
+
+def caption(args, scene: D.Scene, rng: np.random.Generator) -> str:
+    """A training caption of scene in a random phrasing. A split scene's caption names both background
+    colours, or with --split-caption one only one of them (drawn at random), as a caption names what
+    matters and not every region: the model learns that a background may hold a colour the text leaves
+    out, which is what inpainting one side with a new background colour asks of it."""
+    template = int(rng.integers(len(D.TEMPLATES)))
+    if scene.bg2 is not None and args.split_caption == "one":
+        scene = D.Scene(scene.shape, scene.color, (scene.bg, scene.bg2)[int(rng.integers(2))])
+    return scene.prompt(template)
+
+
+def free_captions(args, caps: list[str], t: torch.Tensor, scenes: list, rng: np.random.Generator) -> list[str]:
+    """caps with each row below timestep --free-caption-below given another random picture's caption (or
+    "", at --uncond-prob): at low noise the model learns to keep what the latent shows, whatever the text
+    says, as large models do; img2img at low strength then keeps the picture's colours."""
+    out = list(caps)
+    for i in np.nonzero(t.numpy() < args.free_caption_below)[0].tolist():
+        other = scenes[int(rng.integers(len(scenes)))]
+        out[i] = "" if rng.random() < args.uncond_prob else caption(args, other, rng)
+    return out
 
 
 def make_probe(args, pool, scale_factor: float, n: int = 192) -> dict:
@@ -407,6 +445,11 @@ class TrainOptions:
     unet_channels: int | None = None
     unet_mult: str | None = None
     init_from: Path | None = None
+    linear_start: float | None = None
+    linear_end: float | None = None
+    split_prob: float = 0.0
+    split_caption: str = "both"
+    free_caption_below: int = 0
     note: str | None = None
     probe_every: int = 250
     uncond_prob: float = 0.1
@@ -419,13 +462,16 @@ class TrainOptions:
 def _build_model(opts: TrainOptions):
     """The demo model at its initial weights; (model, --init-from snapshot or None)."""
     from sd_cli.model.layers import norm_groups
-    from sd_cli.model.ldm import LatentDiffusion
+    from sd_cli.model.ldm import SCHEDULE_KEYS, LatentDiffusion
     from sd_cli.model.vae import AutoencoderKL
 
     init = None
     if opts.init_from:  # phase 2 from a snapshot (its sizes, weights and scale factor)
-        init = torch.load(opts.init_from, map_location="cpu", weights_only=True)
+        init = load_init(opts.init_from)
     model = LatentDiffusion(model_config(1.0, opts.model_dict))
+    if init is not None:  # the schedule buffers are the model's own (--linear-start/--linear-end may change them)
+        own = model.state_dict()
+        init = {**init, "state_dict": {k: own[k] if k in SCHEDULE_KEYS else v for k, v in init["state_dict"].items()}}
     # The VAE's initial weights from their own seed, so they do not depend on the sizes of the parts built
     # before it (the UNet's and text encoder's random draws come first in LatentDiffusion).
     with norm_groups(model.cfg.norm_groups):
@@ -444,6 +490,18 @@ def _build_model(opts: TrainOptions):
     log(f"params: unet {n(model.model):,} vae {n(model.first_stage_model):,} text {n(model.cond_stage_model):,} "
         f"(fp16 file ~{2 * n(model) / 1e6:.1f} MB)")
     return model, init
+
+
+def load_init(path: Path) -> dict:
+    """A unet.pt snapshot, or a demo.safetensors exported earlier (with its demo.yaml beside it) as one."""
+    if path.suffix != ".safetensors":
+        return torch.load(path, map_location="cpu", weights_only=True)
+    from omegaconf import OmegaConf
+    from safetensors.torch import load_file
+
+    m = OmegaConf.to_container(OmegaConf.load(path.with_suffix(".yaml")))["model"]
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
+    return {"state_dict": sd, "step": 0, "scale_factor": m["scale_factor"], "model": json.dumps({**m, "scale_factor": None})}
 
 
 def _vae_stage(opts: TrainOptions, vae, stats: dict) -> None:
@@ -509,7 +567,7 @@ def train(opts: TrainOptions) -> int:
         return 0
     mdict = model_dict(opts)
     if opts.init_from:
-        mdict = json.loads(torch.load(opts.init_from, map_location="cpu", weights_only=True)["model"])
+        mdict = with_schedule(json.loads(load_init(opts.init_from)["model"]), opts)
     opts = replace(opts, model_dict=mdict)
     model, init = _build_model(opts)
     stats: dict = {}
@@ -517,6 +575,10 @@ def train(opts: TrainOptions) -> int:
         _vae_stage(opts, model.first_stage_model, stats)
         if opts.stage == "vae":
             return 0
+    if init is not None and not (opts.workdir / "vae.pt").exists():  # the VAE of the model phase 2 starts from
+        vae = {k.removeprefix("first_stage_model."): v for k, v in init["state_dict"].items()
+               if k.startswith("first_stage_model.")}
+        torch.save({"vae": vae, "stats": {}}, opts.workdir / "vae.pt")
     saved = torch.load(opts.workdir / "vae.pt", map_location="cpu", weights_only=True)
     model.first_stage_model.load_state_dict(saved["vae"])
     model.first_stage_model.eval()

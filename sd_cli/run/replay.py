@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from sd_cli.version import __version__
+from sd_cli.demo import previous_demo_hint
 from sd_cli.errors import CheckpointError, SdCliError, UsageError
 from sd_cli.output.watermark import can_watermark
 
@@ -270,7 +271,9 @@ def _engine(req: ReplayRequest, runtime, rec: Recorded, meta: dict, log):
         why = (f"{req.image} was made with model hash {rec.model_hash} ({rec.model_name}) but --ckpt "
                f"{runtime.ckpt} has hash {sd.model_hash}")
         if not req.force:
-            raise CheckpointError(f"{why}; pass that model's file as --ckpt, or add --force to replay anyway")
+            hint = previous_demo_hint(rec.model_hash)
+            how = hint or "pass that model's file as --ckpt"
+            raise CheckpointError(f"{why}; {how}, or add --force to replay anyway")
         log.warn(f"{why}; replaying anyway (--force)")
     _check_vae(req, runtime, meta, log)
     recorded = meta.get("embeddings") if isinstance(meta.get("embeddings"), dict) else {}

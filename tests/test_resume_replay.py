@@ -277,19 +277,19 @@ def test_replay_checks_the_model_hash(micro, made, capsys):
 
 
 def test_an_image_of_an_earlier_demo_model_says_where_that_model_is(micro, made, tmp_path, capsys):
-    """The demo model was retrained (issue 17): its images record the old hash, and the error names the
+    """The demo model has been retrained before: its images record the old hash, and the error names the
     commit that holds the old files, a working way to replay them (--ckpt/--config of those files)."""
     from sd_cli.demo import PREVIOUS_DEMOS
 
     src = made / "plain" / "samples" / "00000.png"
     meta = read_png_metadata(src)[1]
-    old = {**meta, "model_hash": "952c213042"}
+    old = {**meta, "model_hash": "1c0d7b6820"}
     _resave(src, tmp_path / "old.png", pixels(src), old)
     assert main(replay_argv(micro, tmp_path / "old.png")) == 1
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "git show e57c8d7:sd_cli/demo/demo.safetensors > old.safetensors" in err
+    assert len(err.splitlines()) == 1 and "git show c7284fb:sd_cli/demo/demo.safetensors > old.safetensors" in err
     assert "--ckpt old.safetensors --config old.yaml" in err
-    assert PREVIOUS_DEMOS["952c213042"] == "e57c8d7" and len(PREVIOUS_DEMOS) == 5
+    assert PREVIOUS_DEMOS["1c0d7b6820"] == "c7284fb" and len(PREVIOUS_DEMOS) == 4
     assert main(replay_argv(micro, src, fmt="ckpt")) == 1  # any other model: the plain advice
     assert "pass that model's file as --ckpt" in capsys.readouterr().err
 

@@ -72,9 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--linear-start", type=float,
                    help="first beta of the scaled-linear noise schedule (default: SD's 0.00085, or the --init-from model's)")
     p.add_argument("--linear-end", type=float,
-                   help="last beta of the schedule (default: SD's 0.012, or the --init-from model's). The demo "
-                        "ships 1e-5..0.02: less noise than SD's at low timesteps (img2img at low strength keeps "
-                        "the colours) and more at the top (the caption decides the colours)")
+                   help="last beta of the schedule (default: SD's 0.012, or the --init-from model's). 1e-5..0.02 "
+                        "has less noise than SD's at low timesteps (img2img at low strength keeps the colours) and "
+                        "more at the top: README 'Retrain the demo model'")
     p.add_argument("--split-prob", type=float,
                    help="share of training pictures whose background has a second colour on one side (inpainting "
                         "one side needs such pictures; see --split-caption) (default: %(default)s)")

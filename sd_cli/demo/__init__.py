@@ -15,7 +15,6 @@ DEMO_CONFIG = DEMO_DIR / "demo.yaml"
 # Earlier demo models, by their A1111 short hash: the commit whose sd_cli/demo/ holds that model's files, so
 # an image made with one of them can still be replayed (`--ckpt` and `--config` of those files).
 PREVIOUS_DEMOS = {
-    "952c213042": "e57c8d7",
     "1c0d7b6820": "c7284fb",
     "bb1ae9fff7": "def5679",
     "9d68ae794a": "ff0b696",

@@ -13,6 +13,25 @@ from pathlib import Path
 from sd_cli.run.train_demo import DEMO_MODEL, TrainOptions, train
 
 
+def _add_finetune_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of a fine-tune for image to image and inpainting (README 'Retrain the demo model')."""
+    p.add_argument("--linear-start", type=float,
+                   help="first beta of the scaled-linear noise schedule (default: SD's 0.00085, or the --init-from model's)")
+    p.add_argument("--linear-end", type=float,
+                   help="last beta of the schedule (default: SD's 0.012, or the --init-from model's). 1e-5..0.02 "
+                        "has less noise than SD's at low timesteps (img2img at low strength keeps the colours) and "
+                        "more at the top: README 'Retrain the demo model'")
+    p.add_argument("--split-prob", type=float,
+                   help="share of training pictures whose background has a second colour on one side (inpainting "
+                        "one side needs such pictures; see --split-caption) (default: %(default)s)")
+    p.add_argument("--split-caption", choices=("both", "one"),
+                   help="what a split picture's caption names: both background colours, or one of them at random "
+                        "(default: %(default)s)")
+    p.add_argument("--free-caption-below", type=int,
+                   help="below this timestep, train with another picture's caption: at low noise the model keeps "
+                        "what the latent shows (0: off) (default: %(default)s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m sd_cli.train_demo",
@@ -69,21 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-from", type=Path,
                    help="with --stage unet: skip phase 1 and run phase 2 from this unet.pt snapshot (e.g. "
                         "<workdir>/unet_phase1.pt)")
-    p.add_argument("--linear-start", type=float,
-                   help="first beta of the scaled-linear noise schedule (default: SD's 0.00085, or the --init-from model's)")
-    p.add_argument("--linear-end", type=float,
-                   help="last beta of the schedule (default: SD's 0.012, or the --init-from model's). 1e-5..0.02 "
-                        "has less noise than SD's at low timesteps (img2img at low strength keeps the colours) and "
-                        "more at the top: README 'Retrain the demo model'")
-    p.add_argument("--split-prob", type=float,
-                   help="share of training pictures whose background has a second colour on one side (inpainting "
-                        "one side needs such pictures; see --split-caption) (default: %(default)s)")
-    p.add_argument("--split-caption", choices=("both", "one"),
-                   help="what a split picture's caption names: both background colours, or one of them at random "
-                        "(default: %(default)s)")
-    p.add_argument("--free-caption-below", type=int,
-                   help="below this timestep, train with another picture's caption: at low noise the model keeps "
-                        "what the latent shows (0: off) (default: %(default)s)")
+    _add_finetune_flags(p)
     p.add_argument("--note", help="a line for the YAML header (e.g. how the run was made)")
     p.add_argument("--probe-every", type=int,
                    help="every N steps log the eps loss on a fixed batch with the right caption, with shape and "

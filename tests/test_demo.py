@@ -270,3 +270,13 @@ def test_split_captions_name_both_colours_or_one():
     assert {s.bg for s in one} == {"yellow", "blue"} and {(s.shape, s.color) for s in one} == {("circle", "red")}
     plain = D.Scene("circle", "red", "yellow")
     assert D.parse_prompt(caption(SimpleNamespace(split_caption="one"), plain, rng)) == plain
+
+
+def test_fine_tune_flags_refuse_bad_values(tmp_path):
+    from sd_cli.cli import train_demo
+
+    with pytest.raises(SystemExit, match="--split-prob 1.0: must be at least 0 and below 1"):
+        train_demo.main(["--split-prob", "1", "--workdir", str(tmp_path / "w")])
+    (tmp_path / "lone.safetensors").write_bytes(b"")
+    with pytest.raises(SystemExit, match="needs its config beside it"):
+        train_demo.main(["--stage", "unet", "--init-from", str(tmp_path / "lone.safetensors"), "--workdir", str(tmp_path / "w")])

@@ -499,6 +499,8 @@ def load_init(path: Path) -> dict:
     from omegaconf import OmegaConf
     from safetensors.torch import load_file
 
+    if not path.with_suffix(".yaml").is_file():
+        raise SystemExit(f"train_demo: error: --init-from {path} needs its config beside it, {path.with_suffix('.yaml')}")
     m = OmegaConf.to_container(OmegaConf.load(path.with_suffix(".yaml")))["model"]
     sd = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
     return {"state_dict": sd, "step": 0, "scale_factor": m["scale_factor"], "model": json.dumps({**m, "scale_factor": None})}
@@ -559,6 +561,8 @@ def train(opts: TrainOptions) -> int:
     from sd_cli.model.cpu import default_threads
 
     opts = replace(opts, threads=opts.threads or default_threads())
+    if not 0.0 <= opts.split_prob < 1.0:
+        raise SystemExit(f"train_demo: error: --split-prob {opts.split_prob}: must be at least 0 and below 1")
     torch.set_num_threads(opts.threads)
     torch.manual_seed(opts.seed)
     opts.workdir.mkdir(parents=True, exist_ok=True)

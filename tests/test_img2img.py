@@ -243,15 +243,8 @@ def test_demo_keeps_the_colour_at_low_strength(red_circle, tmp_path):
 def test_demo_inpaints_the_new_background_colour(red_circle, tmp_path):
     """Inpainting the left half "on a yellow background" paints the left yellow (nearest palette colour of
     the left 12 columns, away from the circle)."""
-    mask = tmp_path / "left.png"
-    m = Image.new("L", (64, 64), 0)
-    m.paste(255, (0, 0, 32, 64))
-    m.save(mask)
-    out = tmp_path / "inp"
-    assert img2img(["--prompt", "a red circle on a yellow background", "--init-img", str(red_circle), "--mask",
-                    str(mask), "--strength", "0.8", "--n_samples", "1", "--outdir", str(out), "--skip_grid", "-q",
-                    "--threads", "1", "--steps", "20"]) == 0
-    left = pixels(out / "samples" / "00000.png")[:, :12].reshape(-1, 3).mean(0)
+    path, _, _ = _inpaint_left_yellow(red_circle, tmp_path)
+    left = pixels(path)[:, :12].reshape(-1, 3).mean(0)
     palette = {name: np.array(rgb, float) for name, rgb in D.COLORS.items()}
     assert min(palette, key=lambda c: ((left - palette[c]) ** 2).sum()) == "yellow", left
 
@@ -387,7 +380,9 @@ def test_masked_eps_model_keeps_x0_where_the_mask_keeps():
     torch.testing.assert_close(x0[..., :4], plain_x0[..., :4], rtol=1e-4, atol=1e-4)  # repainted: the model's
 
 
-def test_demo_inpaint_keeps_the_unmasked_part(red_circle, tmp_path, capsys):
+def _inpaint_left_yellow(red_circle: Path, tmp_path: Path) -> tuple[Path, Path, list[str]]:
+    """The demo's red circle with its left half inpainted "on a yellow background" (strength 0.8, 20
+    steps): (the image, the mask, the sd-img2img arguments that made it)."""
     mask = tmp_path / "left.png"
     m = Image.new("L", (64, 64), 0)
     m.paste(255, (0, 0, 32, 64))
@@ -397,7 +392,12 @@ def test_demo_inpaint_keeps_the_unmasked_part(red_circle, tmp_path, capsys):
             "--strength", "0.8", "--n_samples", "1", "--outdir", str(out), "--skip_grid", "-q", "--threads", "1",
             "--steps", "20"]
     assert img2img(argv) == 0
-    path = out / "samples" / "00000.png"
+    return out / "samples" / "00000.png", mask, argv
+
+
+def test_demo_inpaint_keeps_the_unmasked_part(red_circle, tmp_path, capsys):
+    path, mask, argv = _inpaint_left_yellow(red_circle, tmp_path)
+    out = path.parent.parent
     got, before = pixels(path), pixels(red_circle)
     assert np.abs(got[:, 43:] - before[:, 43:]).max() <= 2  # the right third: the original's pixels
     assert np.abs(got[:, :16] - before[:, :16]).mean() > 30  # the left is repainted

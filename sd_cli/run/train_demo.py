@@ -459,15 +459,13 @@ class TrainOptions:
     model_dict: dict | None = None  # the model's sizes (from the text/unet flags, or --init-from)
 
 
-def _build_model(opts: TrainOptions):
-    """The demo model at its initial weights; (model, --init-from snapshot or None)."""
+def _build_model(opts: TrainOptions, init: dict | None):
+    """The demo model at its initial weights; (model, the --init-from snapshot `init` with the model's own
+    schedule buffers, or None)."""
     from sd_cli.model.layers import norm_groups
     from sd_cli.model.ldm import SCHEDULE_KEYS, LatentDiffusion
     from sd_cli.model.vae import AutoencoderKL
 
-    init = None
-    if opts.init_from:  # phase 2 from a snapshot (its sizes, weights and scale factor)
-        init = load_init(opts.init_from)
     model = LatentDiffusion(model_config(1.0, opts.model_dict))
     if init is not None:  # the schedule buffers are the model's own (--linear-start/--linear-end may change them)
         own = model.state_dict()
@@ -570,10 +568,12 @@ def train(opts: TrainOptions) -> int:
         export(opts.workdir, opts.out)
         return 0
     mdict = model_dict(opts)
-    if opts.init_from:
-        mdict = with_schedule(json.loads(load_init(opts.init_from)["model"]), opts)
+    init = None
+    if opts.init_from:  # phase 2 from a snapshot (its sizes, weights and scale factor)
+        init = load_init(opts.init_from)
+        mdict = with_schedule(json.loads(init["model"]), opts)
     opts = replace(opts, model_dict=mdict)
-    model, init = _build_model(opts)
+    model, init = _build_model(opts, init)
     stats: dict = {}
     if opts.stage in ("all", "vae"):
         _vae_stage(opts, model.first_stage_model, stats)

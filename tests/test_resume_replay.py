@@ -289,7 +289,7 @@ def test_an_image_of_an_earlier_demo_model_says_where_that_model_is(micro, made,
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "git show c7284fb:sd_cli/demo/demo.safetensors > old.safetensors" in err
     assert "--ckpt old.safetensors --config old.yaml" in err
-    assert PREVIOUS_DEMOS["1c0d7b6820"] == "c7284fb" and len(PREVIOUS_DEMOS) == 4
+    assert PREVIOUS_DEMOS["1c0d7b6820"] == "c7284fb" and len(PREVIOUS_DEMOS) == 5
     assert main(replay_argv(micro, src, fmt="ckpt")) == 1  # any other model: the plain advice
     assert "pass that model's file as --ckpt" in capsys.readouterr().err
 

@@ -19,6 +19,7 @@ PREVIOUS_DEMOS = {
     "bb1ae9fff7": "def5679",
     "9d68ae794a": "ff0b696",
     "5f48eda663": "1838a7b",
+    "952c213042": "1e15168",
 }
 
 

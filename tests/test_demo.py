@@ -35,7 +35,7 @@ SAMPLERS = ("ddim", "plms", "dpmpp_2m", "euler_a")
 # time, at 94% ~1%; the errors are not independent, since they cluster on a few prompts). PLMS (4th-order
 # multistep on the guided eps) is the least stable sampler on this model (16% at 10 steps, 11-75% at scale
 # 7.5): its check may fail and reports XPASS when right. Euler a, which adds fresh noise at every step,
-# lost most in the fine-tunes that taught the demo model issue 17's img2img items (89% at 25 steps, 97%
+# lost most in the fine-tunes that taught the demo model issue 17's img2img items (89% at 25 steps, 92%
 # before; README "The demo model"): it draws "a red square on a blue background" green at 3 of these 4
 # seeds, so its check is expected to fail too, and reports XPASS when it holds.
 SEEDS = 4
